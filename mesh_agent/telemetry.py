@@ -1,0 +1,479 @@
+"""What the agent sees: W3C trace context, spans exported over OTLP/HTTP, RED metrics.
+
+The proxy calls into this module on every request, so the per-request paths (`record`,
+`start_span` when unsampled, `outgoing_traceparent`) use plain dicts, lists and one regex, and
+the OpenTelemetry SDK is imported only when spans have somewhere to go (an OTLP endpoint).
+Without an endpoint a sampled request still gets fresh span ids, so trace ids and the sampled
+flag keep flowing across hops even if this agent exports nothing.
+
+Prometheus text is rendered here rather than through prometheus_client: importing that package
+costs ~12 MB of RSS (it pulls in http.server, wsgiref, ...), against a 60 MB budget for the whole
+agent, and a scrape is a few string joins.
+
+Not thread-safe by design: call everything from the event loop thread. A scrape from another
+thread sees a consistent-enough copy (each series is copied before it is rendered).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "BUCKETS_MS",
+    "Span",
+    "Telemetry",
+    "TraceContext",
+    "parse_traceparent",
+    "status_class",
+]
+
+#: Upper bounds of the latency histogram buckets, in milliseconds (an implicit +Inf follows).
+BUCKETS_MS: tuple[int, ...] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+_BOUNDS_S: tuple[float, ...] = tuple(b / 1000 for b in BUCKETS_MS)
+_LE: tuple[str, ...] = (*(repr(b) for b in _BOUNDS_S), "+Inf")
+
+# A hostile or buggy caller could mint endless label values (e.g. a spoofed source name); past
+# this many series new edges are folded into one, so memory and scrape size stay bounded.
+MAX_SERIES = 10_000
+_OVERFLOW = "_overflow"
+
+# Series layout: [requests, duration sum (s), per-bucket count x len(_BOUNDS_S), +Inf count].
+# Buckets are stored non-cumulative so `record` touches one slot; scrapes accumulate.
+_REQ, _SUM, _BUCKET0 = 0, 1, 2
+
+# Index by status code: one list lookup instead of arithmetic and branches per request.
+# Codes below 100 cannot come from a valid response; count them with the failures.
+_CLASS_BY_STATUS: tuple[str, ...] = tuple(
+    "5xx" if code < 100 else f"{code // 100}xx" for code in range(600)
+)
+_FAILURE_CLASSES = frozenset({"5xx", "none"})
+
+
+def status_class(status: int | None) -> str:
+    """`2xx` … `5xx` for a response status, `none` when no response arrived."""
+    if status is None:
+        return "none"
+    if 0 <= status < 600:
+        return _CLASS_BY_STATUS[status]
+    return "5xx"
+
+
+# ---------------------------------------------------------------------------------------------
+# W3C trace context
+
+
+class TraceContext(NamedTuple):
+    """A parsed, valid `traceparent`: lowercase hex ids as bytes, flags as an int."""
+
+    trace_id: bytes
+    parent_id: bytes
+    flags: int
+
+    @property
+    def sampled(self) -> bool:
+        return bool(self.flags & 0x01)
+
+
+# version-traceid-parentid-flags; versions after 00 may append "-more" that we must ignore.
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\r\n]*)?")
+_ZERO_TRACE = b"0" * 32
+_ZERO_SPAN = b"0" * 16
+
+
+def parse_traceparent(value: bytes | None) -> TraceContext | None:
+    """Parse a `traceparent` header value; None when absent or invalid (W3C Trace Context §3.2).
+
+    Invalid means: not `2hex-32hex-16hex-2hex` in lowercase, version `ff`, all-zero trace or
+    parent id, or a version-00 value with anything after the flags.
+    """
+    if not value:
+        return None
+    match = _TRACEPARENT.fullmatch(value.strip(b" \t"))
+    if match is None:
+        return None
+    version, trace_id, parent_id, flags, rest = match.groups()
+    if version == b"ff" or (rest is not None and version == b"00"):
+        return None
+    if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+        return None
+    return TraceContext(trace_id, parent_id, int(flags, 16))
+
+
+_getrandbits = random.getrandbits
+_random = random.random
+
+
+def _new_trace_id() -> bytes:
+    # All-zero ids are invalid on the wire; the `or 1` costs nothing and rules them out.
+    return b"%032x" % (_getrandbits(128) or 1)
+
+
+def _new_span_id() -> bytes:
+    return b"%016x" % (_getrandbits(64) or 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spans
+
+
+class Span:
+    """One sampled hop. `traceparent()` is the header to send upstream (a child of this span)."""
+
+    __slots__ = ("_header", "_otel", "_tracing", "span_id", "trace_id")
+
+    def __init__(
+        self,
+        trace_id: bytes,
+        span_id: bytes,
+        otel_span: Any = None,
+        tracing: _Tracing | None = None,
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self._header = b"00-" + trace_id + b"-" + span_id + b"-01"
+        self._otel = otel_span
+        self._tracing = tracing
+
+    def traceparent(self) -> bytes:
+        return self._header
+
+    def end(self, status: int | None) -> None:
+        """Close the span; `status` None means no response arrived. Safe to call twice."""
+        otel, self._otel = self._otel, None
+        if otel is not None and self._tracing is not None:
+            self._tracing.end(otel, status)
+
+
+class _Tracing:
+    """The OpenTelemetry SDK side: imported only when there is an endpoint to export to."""
+
+    def __init__(
+        self, *, service: str, version: str, namespace: str, endpoint: str, batch_delay_ms: int
+    ) -> None:
+        # Imported here, not at module top: together they add ~12 MB and ~70 ms to an agent
+        # that may never export a span.
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+        self._trace = trace
+        self._kinds = {"server": trace.SpanKind.SERVER, "client": trace.SpanKind.CLIENT}
+        self._error = trace.Status(trace.StatusCode.ERROR)
+        resource = Resource.create(
+            {"service.name": service, "service.version": version, "service.namespace": namespace}
+        )
+        # The sampling decision is ours (incoming flag or head ratio) and made before the SDK is
+        # called, so the SDK must record whatever it is asked to.
+        self._provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
+        # A bounded queue that drops when full: export must never push back on the hot path.
+        self._provider.add_span_processor(
+            BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=_traces_url(endpoint), timeout=5),
+                max_queue_size=4096,
+                schedule_delay_millis=batch_delay_ms,
+            )
+        )
+        # Not the global provider: the agent is a library to its tests, and several agents with
+        # different resources may live in one process.
+        self._tracer = self._provider.get_tracer("mesh_agent")
+
+    def start(
+        self, name: str, kind: str, parent: TraceContext | None, attributes: Mapping[str, str]
+    ) -> Span:
+        trace = self._trace
+        context = None
+        if parent is not None:
+            remote = trace.SpanContext(
+                int(parent.trace_id, 16),
+                int(parent.parent_id, 16),
+                is_remote=True,
+                trace_flags=trace.TraceFlags(parent.flags & 0x01),
+            )
+            context = trace.set_span_in_context(trace.NonRecordingSpan(remote))
+        otel = self._tracer.start_span(
+            name, context=context, kind=self._kinds[kind], attributes=attributes
+        )
+        ctx = otel.get_span_context()
+        return Span(b"%032x" % ctx.trace_id, b"%016x" % ctx.span_id, otel, self)
+
+    def end(self, otel: Any, status: int | None) -> None:
+        if status is not None:
+            otel.set_attribute("http.response.status_code", status)
+        if status is None or status >= 500:
+            otel.set_status(self._error)
+        otel.end()
+
+    def shutdown(self) -> None:
+        self._provider.shutdown()  # flushes what the batch processor still holds
+
+
+def _traces_url(endpoint: str) -> str:
+    """Accept a collector base URL (`http://host:4318`) or the full `/v1/traces` URL."""
+    if urlsplit(endpoint).path in ("", "/"):
+        return endpoint.rstrip("/") + "/v1/traces"
+    return endpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus text exposition
+
+
+def _escape(value: str) -> str:
+    # Text format 0.0.4: inside label values only backslash, double quote and newline escape.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _edge_labels(source: str, destination: str, destination_version: str) -> str:
+    return (
+        f'source="{_escape(source)}",destination="{_escape(destination)}",'
+        f'destination_version="{_escape(destination_version)}"'
+    )
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Telemetry:
+    """Traces and RED metrics for one agent (one service instance)."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        version: str,
+        namespace: str,
+        sampling_ratio: float,
+        otlp_endpoint: str | None,
+        batch_delay_ms: int = 1000,
+    ) -> None:
+        """`sampling_ratio` in [0, 1] applies only to requests that arrive without a decision.
+
+        `otlp_endpoint` is a collector base URL or the full `/v1/traces` URL; None exports
+        nothing (ids are still propagated). `batch_delay_ms` is how long finished spans may wait
+        before a batch is sent.
+        """
+        if not 0.0 <= sampling_ratio <= 1.0:  # also rejects NaN
+            raise ValueError(f"sampling_ratio must be within [0, 1], got {sampling_ratio!r}")
+        if error := _check_endpoint(otlp_endpoint):
+            raise ValueError(error)
+        self.service = service
+        self.version = version
+        self.namespace = namespace
+        self.sampling_ratio = sampling_ratio
+        self.otlp_endpoint = otlp_endpoint
+        self._series: dict[tuple[str, str, str, str], list[Any]] = {}
+        self._tracing: _Tracing | None = None
+        if otlp_endpoint:
+            self._tracing = _Tracing(
+                service=service,
+                version=version,
+                namespace=namespace,
+                endpoint=otlp_endpoint,
+                batch_delay_ms=batch_delay_ms,
+            )
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def record(
+        self,
+        *,
+        source: str,
+        destination: str,
+        destination_version: str,
+        status: int | None,
+        duration_s: float,
+    ) -> None:
+        """Count one finished request. `status` None means no response arrived (a failure)."""
+        if status is None:
+            cls = "none"
+        elif 0 <= status < 600:
+            cls = _CLASS_BY_STATUS[status]
+        else:
+            cls = "5xx"
+        key = (source, destination, destination_version, cls)
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(key)
+        if duration_s < 0.0:  # a clock that stepped back must not corrupt the sum
+            duration_s = 0.0
+        series[_REQ] += 1
+        series[_SUM] += duration_s
+        series[_BUCKET0 + bisect_left(_BOUNDS_S, duration_s)] += 1
+
+    def _new_series(self, key: tuple[str, str, str, str]) -> list[Any]:
+        if len(self._series) >= MAX_SERIES:
+            key = (_OVERFLOW, _OVERFLOW, _OVERFLOW, key[3])
+            existing = self._series.get(key)
+            if existing is not None:
+                return existing
+        series: list[Any] = [0, 0.0] + [0] * (len(_BOUNDS_S) + 1)
+        self._series[key] = series
+        return series
+
+    def _rows(self) -> list[tuple[tuple[str, str, str, str], list[Any]]]:
+        # list() and the slice copy are single C calls, so a concurrent `record` cannot make
+        # iteration fail; the rollup is then computed from the copies.
+        return sorted((key, series[:]) for key, series in list(self._series.items()))
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The RED rollup, one dict per (source, destination, destination_version, status_class).
+
+        Counters are cumulative since this object was created, like Prometheus counters; the
+        receiver takes differences between two snapshots to get a window. Shape (JSON-ready)::
+
+            {"source": "web", "destination": "reviews", "destination_version": "v2",
+             "status_class": "2xx",            # 1xx..5xx, or "none" when no response arrived
+             "requests": 120,
+             "failures": 0,                    # requests with status >= 500 or no response
+             "latency": {"buckets_ms": [1, 2, 5, ..., 10000],   # upper bounds (le)
+                         "cumulative": [3, 40, ..., 120],       # requests <= each bound
+                         "count": 120,                          # the +Inf bucket
+                         "sum_s": 0.84}}
+        """
+        out: list[dict[str, Any]] = []
+        for (source, destination, dest_version, cls), series in self._rows():
+            requests = series[_REQ]
+            cumulative: list[int] = []
+            running = 0
+            for count in series[_BUCKET0 : _BUCKET0 + len(_BOUNDS_S)]:
+                running += count
+                cumulative.append(running)
+            out.append(
+                {
+                    "source": source,
+                    "destination": destination,
+                    "destination_version": dest_version,
+                    "status_class": cls,
+                    "requests": requests,
+                    "failures": requests if cls in _FAILURE_CLASSES else 0,
+                    "latency": {
+                        "buckets_ms": list(BUCKETS_MS),
+                        "cumulative": cumulative,
+                        "count": requests,
+                        "sum_s": series[_SUM],
+                    },
+                }
+            )
+        return out
+
+    def prometheus_text(self) -> bytes:
+        """Prometheus text exposition format 0.0.4 (`text/plain; version=0.0.4`)."""
+        rows = self._rows()
+        requests: list[str] = []
+        failures: dict[str, int] = {}
+        histogram: list[str] = []
+        for (source, destination, dest_version, cls), series in rows:
+            edge = _edge_labels(source, destination, dest_version)
+            labels = f'{edge},status_class="{cls}"'
+            count = series[_REQ]
+            requests.append(f"mesh_requests_total{{{labels}}} {count}\n")
+            # Every edge gets a failures sample, zero included, so rate() ratios work at once.
+            failures[edge] = failures.get(edge, 0) + (count if cls in _FAILURE_CLASSES else 0)
+            running = 0
+            for le, bucket in zip(_LE, series[_BUCKET0:], strict=True):
+                running += bucket
+                histogram.append(
+                    f'mesh_request_duration_seconds_bucket{{{labels},le="{le}"}} {running}\n'
+                )
+            histogram.append(
+                f"mesh_request_duration_seconds_sum{{{labels}}} {_number(series[_SUM])}\n"
+            )
+            histogram.append(f"mesh_request_duration_seconds_count{{{labels}}} {count}\n")
+        info = (
+            f'service="{_escape(self.service)}",version="{_escape(self.version)}",'
+            f'namespace="{_escape(self.namespace)}"'
+        )
+        parts = [
+            "# HELP mesh_agent_info The service instance this agent serves.\n",
+            "# TYPE mesh_agent_info gauge\n",
+            f"mesh_agent_info{{{info}}} 1\n",
+            "# HELP mesh_requests_total Requests proxied, by edge and status class"
+            " (none = no response).\n",
+            "# TYPE mesh_requests_total counter\n",
+            *requests,
+            "# HELP mesh_request_failures_total Failed requests (5xx or no response), by edge.\n",
+            "# TYPE mesh_request_failures_total counter\n",
+            *(f"mesh_request_failures_total{{{edge}}} {n}\n" for edge, n in failures.items()),
+            "# HELP mesh_request_duration_seconds Request latency as seen by the agent.\n",
+            "# TYPE mesh_request_duration_seconds histogram\n",
+            *histogram,
+        ]
+        return "".join(parts).encode()
+
+    # -- tracing --------------------------------------------------------------------------
+
+    def start_span(
+        self,
+        *,
+        name: str,
+        kind: str,
+        traceparent: bytes | None,
+        attributes: dict[str, str],
+    ) -> Span | None:
+        """Start this hop's span, or return None when the request is not sampled.
+
+        A valid incoming `traceparent` decides (flag 01 → span, 00 → none) and becomes the
+        parent, so the trace id is kept; otherwise (absent or malformed) the head-sampling ratio
+        decides and a sampled span starts a new trace. `kind` is "server" or "client".
+        """
+        if kind not in ("server", "client"):
+            raise ValueError(f"span kind must be 'server' or 'client', got {kind!r}")
+        parent = parse_traceparent(traceparent) if traceparent else None
+        if parent is not None:
+            if not parent.flags & 0x01:
+                return None
+        else:
+            ratio = self.sampling_ratio
+            if ratio <= 0.0 or (ratio < 1.0 and _random() >= ratio):
+                return None
+        if self._tracing is not None:
+            return self._tracing.start(name, kind, parent, attributes)
+        trace_id = parent.trace_id if parent is not None else _new_trace_id()
+        return Span(trace_id, _new_span_id())
+
+    def outgoing_traceparent(self, incoming: bytes | None) -> bytes | None:
+        """The `traceparent` to send upstream for a request without a span of ours.
+
+        A valid incoming value passes through with its trace id, parent id and decision (this
+        agent adds no span, so the caller's span stays the parent); a later version is rewritten
+        as version 00. Absent or malformed → a new trace id, flag 00 (not sampled), so the hops
+        downstream still share one id. Never None today; None is reserved for "send nothing".
+        """
+        parent = parse_traceparent(incoming) if incoming else None
+        if parent is None:
+            return b"00-" + _new_trace_id() + b"-" + _new_span_id() + b"-00"
+        return b"00-%b-%b-%02x" % (parent.trace_id, parent.parent_id, parent.flags & 0x01)
+
+    def shutdown(self) -> None:
+        """Flush and stop the span exporter (blocks up to its timeout). Idempotent."""
+        tracing, self._tracing = self._tracing, None
+        if tracing is not None:
+            tracing.shutdown()
+
+
+def _check_endpoint(endpoint: str | None) -> str | None:
+    if not endpoint:
+        return None
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"otlp_endpoint must be an http(s) URL, got {endpoint!r}"
+    return None
