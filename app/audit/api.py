@@ -1,0 +1,64 @@
+"""JSON API for the audit log under /api/v1/audit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app.audit import service
+from app.audit.schemas import AuditEventList, AuditEventRead, ChainVerificationRead
+from app.deps import SessionDep
+
+router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
+
+
+@router.get("", response_model=AuditEventList, summary="List audit events, newest first")
+def list_events(
+    session: SessionDep,
+    resource_kind: Annotated[str | None, Query(max_length=63)] = None,
+    resource_name: Annotated[str | None, Query(max_length=255)] = None,
+    actor: Annotated[str | None, Query(max_length=255)] = None,
+    action: Annotated[str | None, Query(max_length=63)] = None,
+    since: Annotated[datetime | None, Query(description="Inclusive, ISO 8601")] = None,
+    until: Annotated[datetime | None, Query(description="Exclusive, ISO 8601")] = None,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> AuditEventList:
+    result = service.list_events(
+        session,
+        resource_kind=resource_kind,
+        resource_name=resource_name,
+        actor=actor,
+        action=action,
+        since=_aware(since),
+        until=_aware(until),
+        page=page,
+        page_size=page_size,
+    )
+    return AuditEventList(
+        items=[AuditEventRead.model_validate(event) for event in result.items],
+        total=result.total,
+        page=result.page,
+        page_size=result.page_size,
+        pages=result.pages,
+    )
+
+
+@router.get("/verify", response_model=ChainVerificationRead, summary="Verify the audit hash chain")
+def verify(session: SessionDep) -> ChainVerificationRead:
+    result = service.verify_chain(session)
+    return ChainVerificationRead(
+        ok=result.ok,
+        checked=result.checked,
+        first_broken_seq=result.first_broken_seq,
+        detail=result.detail,
+    )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)

@@ -1,0 +1,1 @@
+"""Service catalog: services, their versions (subsets) and instances."""

@@ -1,0 +1,148 @@
+"""Request and response shapes for the catalog. Unknown fields are refused so a typo in a
+field name is an error rather than a silently ignored change."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, StringConstraints
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Kubernetes-style label keys: optional DNS prefix, then a name of up to 63 characters.
+LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+MAX_LABELS = 64
+MAX_LINKS = 20
+
+
+def _dns_label(value: str) -> str:
+    if not DNS_LABEL.match(value):
+        raise ValueError(
+            "must be a DNS label: lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels")
+    for key, label_value in value.items():
+        if len(key) > 253 or not LABEL_KEY.match(key):
+            raise ValueError(f"label key {key!r} is not a valid label key")
+        if len(label_value) > 63 or not LABEL_VALUE.match(label_value):
+            raise ValueError(
+                f"label {key!r}: value {label_value!r} must be at most 63 letters, digits, "
+                "'-', '_' or '.', starting and ending with a letter or digit"
+            )
+    return value
+
+
+DnsLabel = Annotated[
+    str, StringConstraints(min_length=1, max_length=63), AfterValidator(_dns_label)
+]
+Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+TeamName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=63)]
+Description = Annotated[str, StringConstraints(max_length=4000)]
+VersionName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+]
+Health = Literal["healthy", "unhealthy", "unknown"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Link(Strict):
+    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    url: HttpUrl
+
+
+class ServiceCreate(Strict):
+    namespace: DnsLabel = "default"
+    name: DnsLabel
+    owner_team: TeamName
+    description: Description = ""
+    links: Annotated[list[Link], Field(max_length=MAX_LINKS)] = []
+    labels: Labels = {}
+
+
+class ServiceUpdate(Strict):
+    """Partial update. ``revision`` is the revision the caller read; if someone changed the
+    service since, the update is refused with 409."""
+
+    revision: int = Field(ge=1)
+    owner_team: TeamName | None = None
+    description: Description | None = None
+    links: Annotated[list[Link], Field(max_length=MAX_LINKS)] | None = None
+    labels: Labels | None = None
+
+
+class VersionCreate(Strict):
+    name: VersionName
+    labels: Labels = {}
+
+
+class VersionRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    labels: dict[str, str]
+    created_at: datetime
+
+
+class InstanceCreate(Strict):
+    address: Annotated[
+        str,
+        StringConstraints(
+            strip_whitespace=True,
+            min_length=3,
+            max_length=255,
+            pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$",
+        ),
+    ]
+    version: VersionName
+    health: Health = "unknown"
+
+
+class InstanceRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    address: str
+    version: str
+    health: str
+    last_seen_at: datetime | None
+    created_at: datetime
+
+
+class ServiceSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    namespace: str
+    name: str
+    owner_team: str
+    description: str
+    labels: dict[str, str]
+    revision: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class ServiceRead(ServiceSummary):
+    links: list[Link]
+    versions: list[VersionRead]
+    instances: list[InstanceRead]
+
+
+class ServiceList(BaseModel):
+    items: list[ServiceSummary]
+    total: int
+    page: int
+    page_size: int
+    pages: int

@@ -1,0 +1,36 @@
+"""Annotated dependency aliases used by every route."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import Database, session_scope
+from app.identity import actor_for_request
+
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def get_database(request: Request) -> Database:
+    database: Database = request.app.state.database
+    return database
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request; it commits when the route returns and rolls back on error."""
+    database = get_database(request)
+    yield from session_scope(database, write=request.method not in _READ_METHODS)
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+ActorDep = Annotated[str, Depends(actor_for_request)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -1,0 +1,73 @@
+"""Application factory: routers, error mapping, middleware and static files."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import OperationalError
+
+from app.audit import api as audit_api
+from app.audit import web as audit_web
+from app.catalog import api as catalog_api
+from app.catalog import web as catalog_web
+from app.config import REPO_ROOT, Settings, get_settings
+from app.db import Database
+from app.errors import DomainError
+from app.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
+
+STATIC_DIR = REPO_ROOT / "static"
+
+
+def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    owns_database = database is None
+    database = database or Database(settings.effective_database_url, echo=settings.sql_echo)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_database:
+            database.dispose()
+
+    app = FastAPI(
+        title="mesh control plane",
+        version="0.1.0",
+        summary="Service catalog, traffic policy and audit log of the mesh.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.database = database
+
+    app.include_router(catalog_api.router)
+    app.include_router(audit_api.router)
+    app.include_router(catalog_web.router, include_in_schema=False)
+    app.include_router(audit_web.router, include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.exception_handler(DomainError)
+    async def domain_error(request: Request, exc: DomainError) -> JSONResponse:
+        body: dict[str, object] = {"detail": exc.message}
+        if exc.field:
+            body["field"] = exc.field
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+        # A locked or unreachable database is a temporary condition, not a bug in the request.
+        return JSONResponse(
+            {"detail": "the database is busy or unavailable; try again"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app

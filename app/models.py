@@ -1,0 +1,6 @@
+"""Imports every model module so Base.metadata knows all tables (for Alembic and tests)."""
+
+from app.audit.models import AuditEvent
+from app.catalog.models import Instance, Service, Version
+
+__all__ = ["AuditEvent", "Instance", "Service", "Version"]
