@@ -1,0 +1,87 @@
+"""HTML routes of the audit log: the filtered event list and the chain-verification badge."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from app.audit import service as audit
+from app.deps import SessionDep
+from app.web import fragment, is_htmx, render
+
+router = APIRouter()
+
+PAGE_SIZE = 50
+# Offered in the filter; a kind typed into the URL by hand still filters.
+RESOURCE_KINDS = ("service", "version", "instance")
+
+
+def parse_utc(value: str) -> datetime | None:
+    """A ``datetime-local`` value (or any ISO 8601 text) read as UTC; None when empty.
+
+    Raises ValueError for text that is not a date.
+    """
+    value = value.strip()
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "T"))
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+@router.get("/audit")
+def events_page(
+    request: Request,
+    session: SessionDep,
+    resource_kind: Annotated[str, Query(max_length=63)] = "",
+    resource_name: Annotated[str, Query(max_length=255)] = "",
+    actor: Annotated[str, Query(max_length=255)] = "",
+    since: Annotated[str, Query(max_length=40)] = "",
+    until: Annotated[str, Query(max_length=40)] = "",
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+) -> Response:
+    errors: dict[str, str] = {}
+    bounds: dict[str, datetime | None] = {}
+    for name, raw in (("since", since), ("until", until)):
+        try:
+            bounds[name] = parse_utc(raw)
+        except ValueError:
+            bounds[name] = None
+            errors[name] = "not a date and time; use YYYY-MM-DD HH:MM (UTC)"
+    events = audit.list_events(
+        session,
+        resource_kind=resource_kind or None,
+        resource_name=resource_name.strip() or None,
+        actor=actor or None,
+        since=bounds["since"],
+        until=bounds["until"],
+        page=page,
+        page_size=PAGE_SIZE,
+    )
+    filters = {
+        "resource_kind": resource_kind,
+        "resource_name": resource_name,
+        "actor": actor,
+        "since": since,
+        "until": until,
+    }
+    context = {
+        "section": "audit",
+        "events": events,
+        "filters": filters,
+        "filtered": any(filters.values()),
+        "errors": errors,
+        "kinds": sorted({*RESOURCE_KINDS, resource_kind} - {""}),
+    }
+    if not is_htmx(request):
+        context["actors"] = audit.list_actors(session)
+    return render(request, "audit/list.html", context, block_name="events")
+
+
+@router.get("/audit/verify")
+def verify_badge(request: Request, session: SessionDep) -> Response:
+    """Walks the whole chain, so the page loads it lazily instead of waiting for it."""
+    result = audit.verify_chain(session)
+    return fragment(request, "audit/list.html", "verify", {"verification": result})
