@@ -31,6 +31,8 @@ def get_settings_dep(request: Request) -> Settings:
     return settings
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response leaves, so a client that saw 201 can read
+# what it wrote on its very next request.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ActorDep = Annotated[str, Depends(actor_for_request)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
