@@ -114,6 +114,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     with engine.begin() as connection:
         # TRUNCATE does not fire the append-only row triggers, which is what a test reset needs.
         connection.execute(text(f"TRUNCATE {', '.join(_TABLES_TO_CLEAR)} RESTART IDENTITY"))
+        # Tamper tests switch the append-only guard off; every test starts with it on.
+        connection.execute(text("ALTER TABLE audit_events ENABLE TRIGGER USER"))
     engine.dispose()
     return url
 

@@ -1,0 +1,5 @@
+"""`python -m app` is `meshctl`."""
+
+from app.cli import main
+
+main()
