@@ -105,6 +105,11 @@ def _flatten(value: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any
     return flat
 
 
+def _is_blank(value: Any) -> bool:
+    # A created or deleted resource's empty fields say nothing; listing them is noise.
+    return value is None or value == "" or value == [] or value == {}
+
+
 def json_diff(
     before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
 ) -> list[FieldChange]:
@@ -114,9 +119,11 @@ def json_diff(
     for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key, _MISSING), new.get(key, _MISSING)
         if a is _MISSING:
-            changes.append(FieldChange(key, None, b, "added"))
+            if not _is_blank(b):
+                changes.append(FieldChange(key, None, b, "added"))
         elif b is _MISSING:
-            changes.append(FieldChange(key, a, None, "removed"))
+            if not _is_blank(a):
+                changes.append(FieldChange(key, a, None, "removed"))
         elif a != b:
             changes.append(FieldChange(key, a, b, "changed"))
         else:

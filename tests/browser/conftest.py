@@ -1,0 +1,130 @@
+"""A real ``meshctl serve`` on a free port over a temporary SQLite file, and Chromium.
+
+Chromium is Debian's (``/usr/bin/chromium``, or ``MESH_CHROMIUM``); in CI (``CI`` set) a
+missing browser fails the run instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+BROWSER_REQUIRED = bool(os.environ.get("CI")) or os.environ.get(
+    "MESH_TEST_REQUIRE_BROWSER", ""
+) not in ("", "0")
+
+
+def _unavailable(reason: str) -> None:
+    if BROWSER_REQUIRED:
+        pytest.fail(reason + " (required in CI)")
+    pytest.skip(reason)
+
+
+def chromium_path() -> str | None:
+    configured = os.environ.get("MESH_CHROMIUM")
+    if configured:
+        return configured
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def meshctl() -> list[str]:
+    script = Path(sys.executable).with_name("meshctl")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
+
+
+def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"meshctl serve exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"meshctl serve did not answer on {url} within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data_dir = tmp_path_factory.mktemp("live-server")
+    port = free_port()
+    env = {
+        **os.environ,
+        "MESH_DATABASE_URL": f"sqlite:///{data_dir / 'mesh.db'}",
+        "MESH_DATA_DIR": str(data_dir),
+    }
+    log = (data_dir / "server.log").open("wb")
+    process = subprocess.Popen(
+        [*meshctl(), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed")
+    executable = chromium_path()
+    if executable is None or not Path(executable).exists():
+        _unavailable("Chromium not found (install Debian's chromium or set MESH_CHROMIUM)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, live_server: str) -> Iterator[Page]:
+    context = browser.new_context(base_url=live_server, viewport={"width": 1280, "height": 860})
+    context.set_default_timeout(10_000)
+    page = context.new_page()
+    yield page
+    context.close()
