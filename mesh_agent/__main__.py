@@ -1,0 +1,316 @@
+"""``mesh-agent``: run the sidecar.
+
+Bootstrap settings (who this agent is, where it listens) are flags, each with a ``MESH_AGENT_*``
+environment variable as default. The dynamic config (services, endpoints, routes, policies) comes
+from ``--config FILE`` or, later, from the control plane; see docs/agent.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("mesh_agent")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"MESH_AGENT_{name}", default)
+
+
+def _address(value: str) -> tuple[str, int]:
+    from mesh_agent.protocol import parse_address
+
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ratio(value: str) -> float:
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return ratio
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if s <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return s
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "mesh-agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mesh-agent",
+        description=(
+            "Sidecar proxy of the mesh. Callers reach the local app through the inbound "
+            "listener; the app reaches other services through the outbound listener, either as "
+            "an HTTP proxy (HTTP_PROXY=http://OUTBOUND) or with 'Host: <service>'. The admin "
+            "listener serves /ready, /metrics and /config. Every flag can also be set with the "
+            "environment variable named in its help."
+        ),
+        epilog=(
+            "Without --config and without a persisted config the agent starts with no services "
+            "and /ready answers 503 until a config arrives. SIGHUP reloads --config; SIGTERM "
+            "drains connections and exits. Config file schema: docs/agent.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ident = p.add_argument_group("identity")
+    ident.add_argument(
+        "--service",
+        default=_env("SERVICE"),
+        required=_env("SERVICE") is None,
+        help="name of the service this agent fronts (MESH_AGENT_SERVICE)",
+    )
+    ident.add_argument(
+        "--version",
+        default=_env("VERSION", "v1"),
+        help="version of the local service instance (MESH_AGENT_VERSION)",
+    )
+    ident.add_argument(
+        "--namespace",
+        default=_env("NAMESPACE", "default"),
+        help="namespace of the service (MESH_AGENT_NAMESPACE)",
+    )
+    lst = p.add_argument_group("listeners (host:port; port 0 picks a free port)")
+    lst.add_argument(
+        "--inbound",
+        type=_address,
+        default=_env("INBOUND", "0.0.0.0:15006"),
+        metavar="HOST:PORT",
+        help="inbound listener, in front of the app; only started with --app (MESH_AGENT_INBOUND)",
+    )
+    lst.add_argument(
+        "--app",
+        type=_address,
+        default=_env("APP"),
+        metavar="HOST:PORT",
+        help="address of the local app that inbound traffic goes to (MESH_AGENT_APP)",
+    )
+    lst.add_argument(
+        "--outbound",
+        type=_address,
+        default=_env("OUTBOUND", "127.0.0.1:15001"),
+        metavar="HOST:PORT",
+        help="outbound listener the app calls other services through (MESH_AGENT_OUTBOUND)",
+    )
+    lst.add_argument(
+        "--admin",
+        type=_address,
+        default=_env("ADMIN", "127.0.0.1:15000"),
+        metavar="HOST:PORT",
+        help="admin listener: /ready, /metrics, /config (MESH_AGENT_ADMIN)",
+    )
+    cfg = p.add_argument_group("config")
+    cfg.add_argument(
+        "--config",
+        default=_env("CONFIG"),
+        metavar="FILE",
+        help="YAML or JSON config file, reloaded on change and on SIGHUP (MESH_AGENT_CONFIG)",
+    )
+    cfg.add_argument(
+        "--state-dir",
+        default=_env("STATE_DIR", _default_state_dir()),
+        metavar="DIR",
+        help="where the last good config is kept, per namespace and service, and read at start "
+        "when no other config is available (MESH_AGENT_STATE_DIR)",
+    )
+    tel = p.add_argument_group("telemetry")
+    tel.add_argument(
+        "--sampling-ratio",
+        type=_ratio,
+        default=_env("SAMPLING_RATIO", "0.01"),
+        help="head-sampling ratio for requests arriving without a sampling decision "
+        "(MESH_AGENT_SAMPLING_RATIO)",
+    )
+    tel.add_argument(
+        "--otlp-endpoint",
+        default=_env("OTLP_ENDPOINT"),
+        metavar="URL",
+        help="OTLP/HTTP endpoint spans are exported to, e.g. http://console:8000; none: no "
+        "export (MESH_AGENT_OTLP_ENDPOINT)",
+    )
+    tim = p.add_argument_group("timeouts (seconds)")
+    tim.add_argument(
+        "--header-timeout",
+        type=_seconds,
+        default=_env("HEADER_TIMEOUT", "10"),
+        help="time a client may take to send request headers (MESH_AGENT_HEADER_TIMEOUT)",
+    )
+    tim.add_argument(
+        "--body-timeout",
+        type=_seconds,
+        default=_env("BODY_TIMEOUT", "30"),
+        help="longest pause while a client sends a request body (MESH_AGENT_BODY_TIMEOUT)",
+    )
+    tim.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=_env("IDLE_TIMEOUT", "60"),
+        help="idle keep-alive client connections are closed after this (MESH_AGENT_IDLE_TIMEOUT)",
+    )
+    tim.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=_env("DRAIN_TIMEOUT", "10"),
+        help="on SIGTERM, how long requests in flight may finish (MESH_AGENT_DRAIN_TIMEOUT)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log level (MESH_AGENT_LOG_LEVEL)",
+    )
+    return p
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from mesh_agent.admin import AdminServer
+    from mesh_agent.balancer import EndpointRegistry
+    from mesh_agent.control import ConfigStore, FileSource, initial_config
+    from mesh_agent.proxy import Limits, Proxy
+    from mesh_agent.telemetry import Telemetry
+
+    loop = asyncio.get_running_loop()
+    telemetry = Telemetry(
+        service=args.service,
+        version=args.version,
+        namespace=args.namespace,
+        sampling_ratio=args.sampling_ratio,
+        otlp_endpoint=args.otlp_endpoint,
+    )
+    registry = EndpointRegistry()
+    state_dir = Path(args.state_dir) / f"{args.namespace}.{args.service}"
+    proxy_ref: list[Proxy] = []
+
+    def on_swap(compiled: object) -> None:
+        if proxy_ref:
+            proxy_ref[0].prune_endpoints(store.holder.current.endpoints)
+
+    store = ConfigStore(registry, state_dir, on_swap=on_swap)
+    initial_config(store, args.config)
+    proxy = Proxy(
+        holder=store.holder,
+        telemetry=telemetry,
+        registry=registry,
+        service=args.service,
+        version=args.version,
+        namespace=args.namespace,
+        app=args.app,
+        limits=Limits(
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            idle_timeout_s=args.idle_timeout,
+            drain_timeout_s=args.drain_timeout,
+        ),
+    )
+    proxy_ref.append(proxy)
+
+    listeners: dict[str, str] = {}
+    try:
+        if args.app is not None:
+            h, p = await proxy.inbound.start(*args.inbound)
+            listeners["inbound"] = f"{h}:{p}"
+        h, p = await proxy.outbound.start(*args.outbound)
+        listeners["outbound"] = f"{h}:{p}"
+
+        def extra_metrics() -> bytes:
+            version = store.loaded.version if store.loaded else "none"
+            return (
+                "# HELP mesh_agent_config_info Config version in force.\n"
+                "# TYPE mesh_agent_config_info gauge\n"
+                f'mesh_agent_config_info{{version="{version}"}} 1\n'
+                "# HELP mesh_agent_config_updates_total Config updates by result.\n"
+                "# TYPE mesh_agent_config_updates_total counter\n"
+                f'mesh_agent_config_updates_total{{result="accepted"}} {store.accepted}\n'
+                f'mesh_agent_config_updates_total{{result="rejected"}} {store.rejected}\n'
+                "# HELP mesh_agent_downstream_connections Open client connections.\n"
+                "# TYPE mesh_agent_downstream_connections gauge\n"
+                f"mesh_agent_downstream_connections {proxy.connection_count()}\n"
+            ).encode()
+
+        admin = AdminServer(
+            config=store,
+            metrics=telemetry,
+            bootstrap={
+                "service": args.service,
+                "version": args.version,
+                "namespace": args.namespace,
+                "listeners": listeners,
+                "app": f"{args.app[0]}:{args.app[1]}" if args.app else None,
+                "config_file": args.config,
+                "state_dir": str(state_dir),
+            },
+            extra_metrics=extra_metrics,
+        )
+        h, p = await admin.start(*args.admin)
+        listeners["admin"] = f"{h}:{p}"
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        await proxy.close()
+        telemetry.shutdown()
+        return 2
+
+    source = FileSource(args.config, store) if args.config else None
+    if source is not None:
+        source.start()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if source is not None:
+        loop.add_signal_handler(signal.SIGHUP, source.trigger)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: no --config"))
+    log.info(
+        "mesh-agent %s.%s (%s) listening: %s; config %s",
+        args.service,
+        args.namespace,
+        args.version,
+        " ".join(f"{k}={v}" for k, v in listeners.items()),
+        store.loaded.version if store.loaded else "none",
+    )
+    await stop.wait()
+    log.info("draining")
+    if source is not None:
+        await source.stop()
+    await admin.close()
+    await proxy.close()
+    telemetry.shutdown()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    import uvloop
+
+    return uvloop.run(_run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""The wire contract between the control plane and the agents.
+
+This module is the single source of truth for the dynamic configuration an agent runs on (the
+snapshot the control plane pushes, or the file given with ``mesh-agent --config``) and for the
+discovery messages that carry it. The control plane imports this module; it must therefore
+depend on nothing but pydantic and the standard library, and never on the rest of ``mesh_agent``.
+
+Every model is frozen and forbids unknown fields: a typo in a pushed config is an error the agent
+reports (NACK), not a setting silently ignored.
+
+Field-level validation lives on the models. Validation across fields (a route pointing at a version
+without endpoints, duplicate names) lives in :func:`consistency_errors`, so that both sides run the
+exact same checks: the control plane before it pushes, the agent before it swaps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "AbortFault",
+    "Backend",
+    "ConfigIssue",
+    "ConnectionLimits",
+    "DelayFault",
+    "DiscoveryRequest",
+    "DiscoveryResponse",
+    "FaultPolicy",
+    "HeaderMatch",
+    "InboundPolicy",
+    "MeshConfig",
+    "MirrorPolicy",
+    "OutlierDetection",
+    "PathMatch",
+    "RateLimit",
+    "RetryBudget",
+    "RetryPolicy",
+    "Route",
+    "RouteMatch",
+    "ServiceConfig",
+    "VersionConfig",
+    "config_version",
+    "consistency_errors",
+    "parse_address",
+]
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_METHOD = re.compile(r"^[A-Z]{1,20}$")
+_ADDRESS = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>\d{1,5})$"
+)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6]:port``) into its parts, or raise ValueError."""
+    m = _ADDRESS.match(address)
+    if m is None:
+        raise ValueError(f"{address!r} is not host:port")
+    port = int(m.group("port"))
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range 1-65535")
+    return (m.group("v6") or m.group("host")), port
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_regex(pattern: str | None) -> str | None:
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression: {exc}") from exc
+    return pattern
+
+
+def _one_of(model: BaseModel, fields: tuple[str, ...], what: str) -> None:
+    given = [f for f in fields if getattr(model, f) is not None]
+    if len(given) != 1:
+        raise ValueError(f"{what} needs exactly one of {', '.join(fields)} (got {len(given)})")
+
+
+class PathMatch(_Model):
+    """Match on the request path (the query string is not part of it). Exactly one field is set.
+
+    ``regex`` must match the whole path (Python ``re`` syntax, full match).
+    """
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+
+    @field_validator("exact", "prefix")
+    @classmethod
+    def _starts_with_slash(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+    _regex_ok = field_validator("regex")(_check_regex)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PathMatch:
+        _one_of(self, ("exact", "prefix", "regex"), "a path match")
+        return self
+
+
+class HeaderMatch(_Model):
+    """Match one request header (name compared case-insensitively). Exactly one of ``exact``,
+    ``prefix``, ``regex`` (full match) or ``present`` is set; ``invert`` negates the result."""
+
+    name: str
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+    invert: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if not _HEADER_NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid header name")
+        return v.lower()
+
+    _regex_ok = field_validator("regex")(_check_regex)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HeaderMatch:
+        _one_of(self, ("exact", "prefix", "regex", "present"), "a header match")
+        return self
+
+
+class RouteMatch(_Model):
+    """All given conditions must hold. An empty match matches every request."""
+
+    path: PathMatch | None = None
+    methods: tuple[str, ...] | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+
+    @field_validator("methods")
+    @classmethod
+    def _valid_methods(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must not be empty (leave it out to match any method)")
+            for m in v:
+                if not _METHOD.match(m):
+                    raise ValueError(f"{m!r} is not an upper-case HTTP method")
+        return v
+
+
+class Backend(_Model):
+    """A share of the route's traffic sent to one version of the destination service."""
+
+    version: str
+    weight: Annotated[int, Field(ge=0, le=1_000_000)] = 1
+
+
+class RetryBudget(_Model):
+    """Retries may add at most ``percent`` % of the requests of the last ``window_s`` seconds,
+    plus ``min_retries_per_second`` (so low-traffic services can still retry)."""
+
+    percent: Annotated[float, Field(ge=0, le=100)] = 20.0
+    min_retries_per_second: Annotated[float, Field(ge=0)] = 10.0
+    window_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+
+
+RetryOn = Literal["5xx", "gateway-error", "connect-failure", "reset"]
+
+
+class RetryPolicy(_Model):
+    """``attempts`` is the number of retries after the first try (0 disables retries)."""
+
+    attempts: Annotated[int, Field(ge=0, le=10)] = 2
+    per_try_timeout_ms: Annotated[int, Field(gt=0)] | None = None
+    retry_on: tuple[RetryOn, ...] = ("5xx", "connect-failure", "reset")
+    retry_non_idempotent: bool = False
+    backoff_base_ms: Annotated[int, Field(gt=0)] = 25
+    backoff_max_ms: Annotated[int, Field(gt=0)] = 250
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> RetryPolicy:
+        if self.backoff_max_ms < self.backoff_base_ms:
+            raise ValueError("backoff_max_ms must be >= backoff_base_ms")
+        return self
+
+
+class DelayFault(_Model):
+    percent: Annotated[float, Field(ge=0, le=100)]
+    duration_ms: Annotated[int, Field(ge=0, le=3_600_000)]
+
+
+class AbortFault(_Model):
+    percent: Annotated[float, Field(ge=0, le=100)]
+    status: Annotated[int, Field(ge=200, le=599)] = 503
+
+
+class FaultPolicy(_Model):
+    """Injected by the calling agent, before the request leaves it (delay first, then abort)."""
+
+    delay: DelayFault | None = None
+    abort: AbortFault | None = None
+
+
+class MirrorPolicy(_Model):
+    """Copy ``percent`` % of the route's requests to ``version``; the copy's response is
+    discarded. Only requests whose body fits the retry buffer are mirrored."""
+
+    version: str
+    percent: Annotated[float, Field(ge=0, le=100)] = 100.0
+
+
+class Route(_Model):
+    name: str
+    match: RouteMatch = RouteMatch()
+    backends: Annotated[tuple[Backend, ...], Field(min_length=1)]
+    timeout_ms: Annotated[int, Field(gt=0)] | None = None
+    retries: RetryPolicy | None = None
+    fault: FaultPolicy | None = None
+    mirror: MirrorPolicy | None = None
+
+
+class OutlierDetection(_Model):
+    """Eject an endpoint after ``consecutive_5xx`` failures in a row (5xx, connect failure,
+    reset or timeout) for ``base_ejection_ms`` times the number of times it was ejected, capped
+    at ``max_ejection_ms``. The last available endpoint of a version is never ejected."""
+
+    enabled: bool = True
+    consecutive_5xx: Annotated[int, Field(ge=1)] = 5
+    base_ejection_ms: Annotated[int, Field(ge=0)] = 30_000
+    max_ejection_ms: Annotated[int, Field(ge=0)] = 300_000
+
+
+class ConnectionLimits(_Model):
+    """Per endpoint. Requests beyond ``max_connections`` wait for a free connection; beyond
+    ``max_pending_requests`` waiting they fail at once with 503 (x-mesh-error: overflow)."""
+
+    max_connections: Annotated[int, Field(ge=1)] = 1024
+    max_pending_requests: Annotated[int, Field(ge=0)] = 1024
+    connect_timeout_ms: Annotated[int, Field(gt=0)] = 1000
+
+
+class RateLimit(_Model):
+    """Token bucket: ``requests_per_second`` refill, ``burst`` capacity."""
+
+    requests_per_second: Annotated[float, Field(gt=0)]
+    burst: Annotated[int, Field(ge=1)]
+
+
+class VersionConfig(_Model):
+    endpoints: tuple[str, ...] = ()
+    labels: dict[str, str] = {}
+
+    @field_validator("endpoints")
+    @classmethod
+    def _valid_endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for address in v:
+            parse_address(address)
+        if len(set(v)) != len(v):
+            raise ValueError("duplicate endpoint address")
+        return v
+
+
+class ServiceConfig(_Model):
+    """A destination service as seen by a calling agent: its endpoints by version and its
+    traffic policy. With no routes, traffic is spread over every endpoint of every version."""
+
+    name: str
+    namespace: str = "default"
+    versions: dict[str, VersionConfig]
+    routes: tuple[Route, ...] = ()
+    load_balancer: Literal["round_robin", "least_request"] = "least_request"
+    timeout_ms: Annotated[int, Field(gt=0)] = 15_000
+    retries: RetryPolicy = RetryPolicy()
+    retry_budget: RetryBudget = RetryBudget()
+    outlier_detection: OutlierDetection = OutlierDetection()
+    connection_limits: ConnectionLimits = ConnectionLimits()
+    rate_limit: RateLimit | None = None
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v):
+            raise ValueError(f"{v!r} is not a DNS label (lower-case letters, digits, '-')")
+        return v
+
+    @field_validator("versions")
+    @classmethod
+    def _version_names(cls, v: dict[str, VersionConfig]) -> dict[str, VersionConfig]:
+        for name in v:
+            if not _VERSION_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid version name")
+        return v
+
+
+class InboundPolicy(_Model):
+    """Policy of the inbound listener, in front of the local app."""
+
+    timeout_ms: Annotated[int, Field(gt=0)] = 60_000
+    rate_limit: RateLimit | None = None
+    connection_limits: ConnectionLimits = ConnectionLimits()
+
+
+class MeshConfig(_Model):
+    """The whole dynamic configuration of one agent (a snapshot)."""
+
+    services: tuple[ServiceConfig, ...] = ()
+    inbound: InboundPolicy = InboundPolicy()
+
+
+class ConfigIssue(_Model):
+    """One validation problem: ``path`` like ``services[0].routes[1].backends[0].version``."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+def consistency_errors(config: MeshConfig) -> list[ConfigIssue]:
+    """Cross-field checks that a per-field validator cannot make."""
+    issues: list[ConfigIssue] = []
+    seen: dict[tuple[str, str], int] = {}
+    for i, svc in enumerate(config.services):
+        where = f"services[{i}]"
+        first = seen.setdefault((svc.namespace, svc.name), i)
+        if first != i:
+            issues.append(
+                ConfigIssue(
+                    path=f"{where}.name",
+                    message=f"duplicate service {svc.name!r} in namespace {svc.namespace!r} "
+                    f"(first defined at services[{first}])",
+                )
+            )
+        with_endpoints = sorted(v for v, vc in svc.versions.items() if vc.endpoints)
+        known = ", ".join(with_endpoints) or "none"
+
+        def check_version(
+            path: str, version: str, svc: ServiceConfig = svc, known: str = known
+        ) -> None:
+            if version not in svc.versions:
+                issues.append(
+                    ConfigIssue(
+                        path=path,
+                        message=f"service {svc.name!r} has no version {version!r} "
+                        f"(versions with endpoints: {known})",
+                    )
+                )
+            elif not svc.versions[version].endpoints:
+                issues.append(
+                    ConfigIssue(
+                        path=path,
+                        message=f"version {version!r} of service {svc.name!r} has no endpoints "
+                        f"(versions with endpoints: {known})",
+                    )
+                )
+
+        route_names: dict[str, int] = {}
+        for j, route in enumerate(svc.routes):
+            rwhere = f"{where}.routes[{j}]"
+            prev = route_names.setdefault(route.name, j)
+            if prev != j:
+                issues.append(
+                    ConfigIssue(
+                        path=f"{rwhere}.name",
+                        message=f"duplicate route name {route.name!r} in service {svc.name!r} "
+                        f"(first at {where}.routes[{prev}])",
+                    )
+                )
+            for k, backend in enumerate(route.backends):
+                check_version(f"{rwhere}.backends[{k}].version", backend.version)
+            if sum(b.weight for b in route.backends) == 0:
+                issues.append(ConfigIssue(path=f"{rwhere}.backends", message="weights sum to 0"))
+            if route.mirror is not None:
+                check_version(f"{rwhere}.mirror.version", route.mirror.version)
+        if not svc.routes and not with_endpoints:
+            issues.append(ConfigIssue(path=f"{where}.versions", message="no version has endpoints"))
+    return issues
+
+
+def config_version(config: MeshConfig) -> str:
+    """Content hash of a config: equal content gives an equal version on both sides, whatever
+    the formatting or key order of the source."""
+    canonical = json.dumps(
+        config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class DiscoveryResponse(_Model):
+    """Control plane → agent: a snapshot, its version and a nonce identifying this push."""
+
+    version: str
+    nonce: str
+    config: MeshConfig
+
+
+class DiscoveryRequest(_Model):
+    """Agent → control plane: ACK or NACK of the push identified by ``response_nonce``.
+
+    On ACK ``version`` is the version just applied; on NACK it is the version still in force and
+    ``error_detail`` says what was wrong with the rejected one (xDS semantics).
+    """
+
+    service: str
+    service_version: str
+    namespace: str = "default"
+    agent_id: str
+    version: str | None = None
+    response_nonce: str | None = None
+    error_detail: str | None = None

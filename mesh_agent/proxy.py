@@ -1,0 +1,1618 @@
+"""The hot path: inbound and outbound HTTP/1.1 listeners on asyncio protocols and httptools.
+
+Design, in the order a request meets it:
+
+* ``_Downstream`` is a bare ``asyncio.Protocol`` fed into an httptools parser. Parser callbacks
+  only collect bytes; one long-lived coroutine per connection serves its requests in order
+  (keep-alive and pipelining), so a request costs a few futures, not a task.
+* Small request bodies (up to ``RETRY_BUFFER_BYTES``) are buffered so that a retry or a mirror
+  can resend them; larger ones are streamed with back-pressure and never retried.
+* Upstream connections (``_Upstream``) live in a per-endpoint pool and are reused while the
+  upstream keeps them alive. Once a response is chosen for the caller, its body bytes are written
+  to the downstream transport straight from the parser callback, with back-pressure both ways.
+* Each request reads ``ConfigHolder.current`` once at its start and uses that immutable object
+  to its end: a config swap never changes a request in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, Protocol, cast
+
+import httptools
+
+from mesh_agent.balancer import Endpoint, EndpointRegistry
+from mesh_agent.resilience import RetryRules, percent_chance
+from mesh_agent.routing import CompiledConfig, CompiledRoute, CompiledService, VersionPool
+
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "RETRY_BUFFER_BYTES",
+    "ConfigHolder",
+    "Limits",
+    "Proxy",
+    "SpanLike",
+    "TelemetryLike",
+]
+
+log = logging.getLogger("mesh_agent.proxy")
+
+MAX_HEADER_BYTES = 64 * 1024
+RETRY_BUFFER_BYTES = 64 * 1024
+_HIGH_WATER = 256 * 1024  # request body bytes buffered before we stop reading the client
+_MAX_MIRRORS_IN_FLIGHT = 64
+
+
+class Limits:
+    """Slow-client and idle timeouts in seconds (bootstrap settings, not pushed config)."""
+
+    __slots__ = (
+        "body_timeout_s",
+        "drain_timeout_s",
+        "header_timeout_s",
+        "idle_timeout_s",
+        "upstream_idle_s",
+    )
+
+    def __init__(
+        self,
+        header_timeout_s: float = 10.0,
+        body_timeout_s: float = 30.0,
+        idle_timeout_s: float = 60.0,
+        upstream_idle_s: float = 30.0,
+        drain_timeout_s: float = 10.0,
+    ) -> None:
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.upstream_idle_s = upstream_idle_s
+        self.drain_timeout_s = drain_timeout_s
+
+
+class SpanLike(Protocol):
+    def traceparent(self) -> bytes: ...
+    def end(self, status: int | None) -> None: ...
+
+
+class TelemetryLike(Protocol):
+    """What the proxy needs from ``mesh_agent.telemetry.Telemetry``."""
+
+    def record(
+        self,
+        *,
+        source: str,
+        destination: str,
+        destination_version: str,
+        status: int | None,
+        duration_s: float,
+    ) -> None: ...
+
+    def start_span(
+        self, *, name: str, kind: str, traceparent: bytes | None, attributes: dict[str, str]
+    ) -> SpanLike | None: ...
+
+    def outgoing_traceparent(self, incoming: bytes | None) -> bytes | None: ...
+
+
+class ConfigHolder:
+    """The config in force. Swapping is one attribute assignment, atomic for every reader."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: CompiledConfig) -> None:
+        self.current = current
+
+
+# --------------------------------------------------------------------------------------------
+# Header tables
+
+# RFC 9110 section 7.6.1 (plus the de-facto Proxy-Connection and Keep-Alive): never forwarded.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers the agent rewrites itself; codes tell on_header where to put them.
+_H_HOST, _H_XFF, _H_RID, _H_TP, _H_SRC, _H_EXPECT, _H_CONN, _H_DROP = range(8)
+_REQUEST_SPECIAL: dict[bytes, int] = {
+    b"host": _H_HOST,
+    b"x-forwarded-for": _H_XFF,
+    b"x-request-id": _H_RID,
+    b"traceparent": _H_TP,
+    b"x-mesh-source": _H_SRC,
+    b"expect": _H_EXPECT,
+    b"connection": _H_CONN,
+    b"content-length": _H_DROP,  # framing is re-decided for the upstream side
+}
+for _name in _HOP_BY_HOP - {b"connection"}:
+    _REQUEST_SPECIAL[_name] = _H_DROP
+_RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
+
+_STATUS_LINE: dict[int, bytes] = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus
+}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINE.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d Unknown\r\n" % status
+    return line
+
+
+def _connection_tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+class _Failure(Exception):
+    """An attempt that produced no usable response. ``kind``: connect-failure, reset, timeout,
+    overflow."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class _ClientGone(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# Downstream side
+
+
+class _Body:
+    """A request body on its way from the client, with back-pressure on the client socket."""
+
+    __slots__ = ("buffered", "chunks", "complete", "conn", "failed", "waiter")
+
+    def __init__(self, conn: _Downstream) -> None:
+        self.conn = conn
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.complete = False
+        self.failed = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def feed(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > _HIGH_WATER:
+            self.conn.pause_reading(body=True)
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self) -> None:
+        self.failed = True
+        self._wake()
+
+    async def _wait(self) -> None:
+        if self.failed:
+            raise _ClientGone
+        fut = self.conn.loop.create_future()
+        self.waiter = fut
+        await fut
+        if self.failed:
+            raise _ClientGone
+
+    async def read_upto(self, limit: int) -> bytes | None:
+        """The whole body if it fits in ``limit`` bytes, else None (chunks stay for streaming)."""
+        while not self.complete and self.buffered <= limit:
+            await self._wait()
+        if self.buffered > limit:
+            return None
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        return data
+
+    async def next_chunk(self) -> bytes | None:
+        while not self.chunks:
+            if self.complete:
+                return None
+            await self._wait()
+        data = self.chunks.popleft()
+        self.buffered -= len(data)
+        if self.buffered < _HIGH_WATER // 2:
+            self.conn.resume_reading(body=True)
+        return data
+
+
+class _Request:
+    __slots__ = (
+        "body",
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "extra_hop",
+        "headers",
+        "host",
+        "http11",
+        "keep_alive",
+        "method",
+        "request_id",
+        "source",
+        "started",
+        "traceparent",
+        "url",
+        "xff",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.url = b""
+        self.method = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.xff: bytes | None = None
+        self.request_id: bytes | None = None
+        self.traceparent: bytes | None = None
+        self.source: bytes | None = None
+        self.expect_continue = False
+        self.extra_hop: set[bytes] | None = None
+        self.keep_alive = True
+        self.http11 = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.body: _Body | None = None
+
+    def lookup(self) -> dict[bytes, bytes]:
+        """Lower-cased header map for header-based routing (built only when a route needs it)."""
+        d = {n.lower(): v for n, v in self.headers}
+        if self.host is not None:
+            d[b"host"] = self.host
+        return d
+
+
+# Connection phases, for the timeout sweeper.
+_IDLE, _HEADERS, _BODY, _WAITING = range(4)
+
+
+class _Downstream(asyncio.Protocol):
+    __slots__ = (
+        "_body_paused",
+        "_busy",
+        "_header_bytes",
+        "_parse_error",
+        "_pipeline_paused",
+        "_req",
+        "_task",
+        "_wake",
+        "closed",
+        "listener",
+        "loop",
+        "parser",
+        "peer",
+        "phase",
+        "phase_since",
+        "queue",
+        "relaying",
+        "responded",
+        "transport",
+        "write_paused",
+        "write_waiter",
+    )
+
+    def __init__(self, listener: _Listener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = b""
+        self.queue: collections.deque[_Request] = collections.deque()
+        self._req: _Request | None = None
+        self._header_bytes = 0
+        self._parse_error: tuple[int, str] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._busy = False
+        self._body_paused = False
+        self._pipeline_paused = False
+        self.closed = False
+        self.phase = _IDLE
+        self.phase_since = self.loop.time()
+        self.relaying: _Upstream | None = None
+        self.write_paused = False
+        self.write_waiter: asyncio.Future[None] | None = None
+        self.responded = False
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.peer = str(peer[0]).encode()
+        self.listener.conns.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # CONNECT tunnels and protocol upgrades (WebSocket) are not proxied (yet).
+            self._fail_parse(501, "unsupported")
+        except httptools.HttpParserError:
+            status, reason = self._parse_error or (400, "malformed-request")
+            self._fail_parse(status, reason)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.conns.discard(self)
+        req = self._req
+        if req is not None and req.body is not None and not req.body.complete:
+            req.body.fail()
+        for r in self.queue:
+            if r.body is not None and not r.body.complete:
+                r.body.fail()
+        up = self.relaying
+        if up is not None:
+            up.abort()
+        self._wake_loop()
+        w = self.write_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        up = self.relaying
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        up = self.relaying
+        if up is not None and up.transport is not None and not up.closed:
+            up.transport.resume_reading()
+        w = self.write_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._req = _Request(self.loop.time())
+        self._header_bytes = 0
+        self.phase = _HEADERS
+        self.phase_since = self._req.started
+
+    def on_url(self, url: bytes) -> None:
+        req = self._req
+        assert req is not None
+        req.url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._parse_error = (414, "uri-too-long")
+            raise ValueError("URI too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._req
+        assert req is not None
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._parse_error = (431, "headers-too-large")
+            raise ValueError("headers too large")
+        code = _REQUEST_SPECIAL.get(name.lower())
+        if code is None:
+            req.headers.append((name, value))
+        elif code == _H_HOST:
+            req.host = value
+        elif code == _H_XFF:
+            req.xff = value if req.xff is None else req.xff + b", " + value
+        elif code == _H_RID:
+            req.request_id = value
+        elif code == _H_TP:
+            req.traceparent = value
+        elif code == _H_SRC:
+            req.source = value
+        elif code == _H_EXPECT:
+            req.expect_continue = value.lower() == b"100-continue"
+        elif code == _H_CONN:
+            tokens = _connection_tokens(value) - {b"close", b"keep-alive"}
+            if tokens:
+                req.extra_hop = (req.extra_hop or set()) | tokens
+        else:  # _H_DROP
+            if name.lower() == b"content-length":
+                req.content_length = int(value) if value.strip().isdigit() else None
+
+    def on_headers_complete(self) -> None:
+        req = self._req
+        assert req is not None
+        parser = self.parser
+        req.method = parser.get_method()
+        req.keep_alive = parser.should_keep_alive()
+        req.http11 = parser.get_http_version() == "1.1"
+        if req.extra_hop:
+            # Headers named in Connection are hop-by-hop too (RFC 9110 section 7.6.1).
+            extra = req.extra_hop
+            req.headers = [(n, v) for n, v in req.headers if n.lower() not in extra]
+        if req.content_length != 0 or parser.should_upgrade():
+            req.body = _Body(self)
+            req.chunked = req.content_length is None
+            self.phase = _BODY
+        else:
+            self.phase = _WAITING
+        self.phase_since = self.loop.time()
+        self.queue.append(req)
+        if self._busy or len(self.queue) > 1:
+            # Pipelined request behind one in progress: stop reading until we catch up.
+            self.pause_reading(body=False)
+        if self._task is None:
+            self._task = self.loop.create_task(self._serve())
+        else:
+            self._wake_loop()
+
+    def on_body(self, body: bytes) -> None:
+        req = self._req
+        if req is not None and req.body is not None:
+            req.body.feed(body)
+            self.phase_since = self.loop.time()
+
+    def on_message_complete(self) -> None:
+        req = self._req
+        if req is not None:
+            if req.body is not None:
+                req.body.finish()
+            if self.phase == _BODY:
+                self.phase = _WAITING
+            self._req = None
+
+    # -- flow control
+
+    def pause_reading(self, *, body: bool) -> None:
+        if body:
+            self._body_paused = True
+        else:
+            self._pipeline_paused = True
+        t = self.transport
+        if t is not None and not self.closed:
+            t.pause_reading()
+
+    def resume_reading(self, *, body: bool) -> None:
+        if body:
+            if not self._body_paused:
+                return
+            self._body_paused = False
+        else:
+            if not self._pipeline_paused:
+                return
+            self._pipeline_paused = False
+        t = self.transport
+        if t is not None and not self.closed and not (self._body_paused or self._pipeline_paused):
+            t.resume_reading()
+
+    async def drain(self) -> None:
+        while self.write_paused and not self.closed:
+            fut = self.loop.create_future()
+            self.write_waiter = fut
+            await fut
+
+    # -- serving
+
+    def _wake_loop(self) -> None:
+        w = self._wake
+        if w is not None:
+            self._wake = None
+            if not w.done():
+                w.set_result(None)
+
+    async def _serve(self) -> None:
+        handle = self.listener.handle
+        queue = self.queue
+        try:
+            while not self.closed:
+                if not queue:
+                    fut = self.loop.create_future()
+                    self._wake = fut
+                    await fut
+                    continue
+                req = queue.popleft()
+                self._busy = True
+                self.responded = False
+                try:
+                    if req.expect_continue and req.body is not None and not req.body.complete:
+                        # We answer 100-continue ourselves: the body must reach us before we
+                        # can pick an upstream for it (and buffer it for retries).
+                        self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    keep = await handle(self, req)
+                except _ClientGone:
+                    keep = False
+                except Exception:
+                    log.exception("internal error while proxying %r", req.url[:200])
+                    keep = False
+                    if not self.responded:
+                        self.send_error(req, 500, "internal", close=True)
+                self._busy = False
+                body = req.body
+                if not keep or (body is not None and not body.complete) or self.closed:
+                    self.close()
+                    return
+                if not queue:
+                    self.phase = _IDLE if self._req is None else self.phase
+                    self.phase_since = self.loop.time()
+                    self.resume_reading(body=False)
+        finally:
+            self._task = None
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not self.closed:
+            t.write(data)
+
+    def close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+        self.closed = True
+
+    def send_error(
+        self, req: _Request | None, status: int, reason: str, *, close: bool = False
+    ) -> bool:
+        """An error made by the agent itself. Returns whether the connection stays open."""
+        body = reason.encode() + b"\n"
+        keep = not close and req is not None and req.keep_alive
+        self.responded = True
+        self.write(
+            b"".join(
+                (
+                    _status_line(status),
+                    b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+                    % len(body),
+                    b"x-mesh-error: ",
+                    reason.encode(),
+                    b"\r\n",
+                    b"" if keep else b"connection: close\r\n",
+                    b"\r\n",
+                    b"" if req is not None and req.method == b"HEAD" else body,
+                )
+            )
+        )
+        return keep
+
+    def _fail_parse(self, status: int, reason: str) -> None:
+        if self.closed:
+            return
+        if self._busy or self.queue:
+            # Cannot answer out of order on a pipelined connection: just close.
+            self.close()
+            return
+        self.send_error(self._req, status, reason, close=True)
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream side
+
+
+class _Pool:
+    """Idle connections to one endpoint plus the connection limit bookkeeping."""
+
+    __slots__ = ("endpoint", "idle", "open", "waiters")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.idle: list[_Upstream] = []
+        self.open = 0
+        self.waiters: collections.deque[asyncio.Future[_Upstream | None]] = collections.deque()
+
+    def connection_gone(self, conn: _Upstream) -> None:
+        self.open -= 1
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+        self._wake_one(None)
+
+    def _wake_one(self, conn: _Upstream | None) -> bool:
+        while self.waiters:
+            w = self.waiters.popleft()
+            if not w.done():
+                w.set_result(conn)
+                return True
+        return False
+
+    def release(self, conn: _Upstream, now: float) -> None:
+        if conn.reusable():
+            if not self._wake_one(conn):
+                conn.idle_since = now
+                self.idle.append(conn)
+        else:
+            conn.abort()
+
+    def close_idle(self, older_than: float) -> None:
+        for c in [c for c in self.idle if c.idle_since < older_than]:
+            c.abort()
+
+
+class _Upstream(asyncio.Protocol):
+    __slots__ = (
+        "_informational",
+        "_parser_dirty",
+        "body_parts",
+        "closed",
+        "complete",
+        "content_length",
+        "discard",
+        "done_waiter",
+        "got_bytes",
+        "head_request",
+        "head_waiter",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "loop",
+        "parser",
+        "pool",
+        "sink",
+        "sink_chunked",
+        "status",
+        "transport",
+        "truncated",
+        "until_close",
+        "write_paused",
+        "write_waiter",
+    )
+
+    def __init__(self, pool: _Pool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self._parser_dirty = False
+        self.closed = False
+        self.idle_since = 0.0
+        self.write_paused = False
+        self.write_waiter: asyncio.Future[None] | None = None
+        self._reset_exchange(False)
+
+    def _reset_exchange(self, head_request: bool) -> None:
+        self.head_request = head_request
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body_parts: list[bytes] = []
+        self.content_length: int | None = None
+        self.until_close = False
+        self.complete = False
+        self.truncated = False
+        self.keep_alive = False
+        self.got_bytes = False
+        self.discard = False
+        self._informational = False
+        self.sink: _Downstream | None = None
+        self.sink_chunked = False
+        self.head_waiter: asyncio.Future[None] | None = None
+        self.done_waiter: asyncio.Future[None] | None = None
+
+    def begin(self, head_request: bool) -> asyncio.Future[None]:
+        if self._parser_dirty:
+            self.parser = httptools.HttpResponseParser(self)
+            self._parser_dirty = False
+        self._reset_exchange(head_request)
+        fut = self.head_waiter = self.loop.create_future()
+        return fut
+
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.closed and not self.until_close
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        if self.complete:
+            # Bytes after the response ended (on an idle pooled connection, say): the
+            # connection is out of sync with us and cannot be trusted again.
+            self.abort()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.truncated = True
+            self._fail("reset")
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.connection_gone(self)
+        if not self.complete:
+            if self.until_close and self.status:
+                # A response delimited by the end of the connection is now complete.
+                self._finish()
+            else:
+                self.truncated = True
+                self._fail("reset")
+        w = self.write_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        w = self.write_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def drain(self) -> None:
+        while self.write_paused and not self.closed:
+            fut = self.loop.create_future()
+            self.write_waiter = fut
+            await fut
+        if self.closed and not self.complete:
+            raise _Failure("reset")
+
+    # -- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim responses (100 Continue, 103 Early Hints) are not relayed.
+            self._informational = True
+            self.headers = []
+            return
+        self.status = status
+        self.keep_alive = parser.should_keep_alive()
+        chunked = False
+        for name, value in self.headers:
+            n = name.lower()
+            if n == b"content-length":
+                v = value.strip()
+                self.content_length = int(v) if v.isdigit() else None
+            elif n == b"transfer-encoding":
+                chunked = True
+        no_body = self.head_request or status in (204, 304)
+        self.until_close = not no_body and not chunked and self.content_length is None
+        w = self.head_waiter
+        if w is not None:
+            self.head_waiter = None
+            if not w.done():
+                w.set_result(None)
+        if self.head_request:
+            # httptools cannot be told that a HEAD response has no body; the message is
+            # complete now and the parser is replaced before the next exchange.
+            self._parser_dirty = True
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self.discard or self.complete:
+            return
+        sink = self.sink
+        if sink is not None:
+            if self.sink_chunked:
+                sink.write(b"%x\r\n%b\r\n" % (len(body), body))
+            else:
+                sink.write(body)
+        else:
+            self.body_parts.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        if not self.complete:
+            self._finish()
+
+    # -- exchange helpers
+
+    def _finish(self) -> None:
+        self.complete = True
+        w = self.done_waiter
+        if w is not None:
+            self.done_waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _fail(self, kind: str) -> None:
+        for attr in ("head_waiter", "done_waiter"):
+            w = getattr(self, attr)
+            if w is not None:
+                setattr(self, attr, None)
+                if not w.done():
+                    w.set_exception(_Failure(kind))
+
+    def expire(self) -> None:
+        """Per-try or route deadline reached before the response head."""
+        w = self.head_waiter
+        if w is not None and not w.done():
+            self.head_waiter = None
+            w.set_exception(_Failure("timeout"))
+
+    def wait_done(self) -> asyncio.Future[None]:
+        fut = self.loop.create_future()
+        if self.complete:
+            fut.set_result(None)
+        elif self.closed:
+            fut.set_exception(_Failure("reset"))
+        else:
+            self.done_waiter = fut
+        return fut
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is not None and not self.closed:
+            t.abort()
+        if not self.complete:
+            self._fail("reset")
+
+
+# --------------------------------------------------------------------------------------------
+# The proxy
+
+
+def _split_target(url: bytes, host: bytes | None) -> tuple[bytes | None, bytes]:
+    """(authority, origin-form path) from a request target in origin or absolute form."""
+    if url[:1] == b"/":
+        return host, url
+    if url[:7].lower() == b"http://":
+        rest = url[7:]
+        end = len(rest)
+        for sep in (b"/", b"?"):
+            i = rest.find(sep)
+            if 0 <= i < end:
+                end = i
+        authority = rest[:end]
+        at = authority.rfind(b"@")
+        if at >= 0:
+            authority = authority[at + 1 :]
+        path = rest[end:]
+        if not path:
+            path = b"/"
+        elif path[:1] == b"?":
+            path = b"/" + path
+        return authority or None, path
+    if url == b"*":
+        return host, url
+    return None, b""
+
+
+def _request_id() -> bytes:
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+
+
+class _Listener:
+    """One listening socket and its connections."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handle: Callable[[_Downstream, _Request], Any],
+        limits: Limits,
+    ) -> None:
+        self.loop = loop
+        self.handle = handle
+        self.limits = limits
+        self.conns: set[_Downstream] = set()
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await self.loop.create_server(
+            lambda: _Downstream(self), host, port, reuse_address=True, backlog=1024
+        )
+        sock = self.server.sockets[0]
+        addr = sock.getsockname()
+        return str(addr[0]), int(addr[1])
+
+    def sweep(self, now: float) -> None:
+        lim = self.limits
+        for c in list(self.conns):
+            age = now - c.phase_since
+            if c.phase == _IDLE and not c._busy:
+                if age > lim.idle_timeout_s:
+                    c.close()
+            elif c.phase == _HEADERS and age > lim.header_timeout_s:
+                c._fail_parse(408, "request-timeout")
+                c.close()
+            elif c.phase == _BODY and age > lim.body_timeout_s:
+                req = c._req
+                if req is not None and req.body is not None:
+                    req.body.fail()
+                c.close()
+
+    async def close(self, drain_s: float) -> None:
+        if self.server is not None:
+            self.server.close()
+        deadline = self.loop.time() + drain_s
+        while self.loop.time() < deadline:
+            for c in list(self.conns):
+                if not c._busy and not c.queue:
+                    c.close()
+            if not self.conns:
+                break
+            await asyncio.sleep(0.05)
+        for c in list(self.conns):
+            c.close()
+
+
+class Proxy:
+    """Both listeners of one agent and the state they share (endpoints, pools, mirrors)."""
+
+    def __init__(
+        self,
+        *,
+        holder: ConfigHolder,
+        telemetry: TelemetryLike,
+        registry: EndpointRegistry,
+        service: str,
+        version: str,
+        namespace: str = "default",
+        app: tuple[str, int] | None = None,
+        limits: Limits | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.holder = holder
+        self.telemetry = telemetry
+        self.registry = registry
+        self.service = service
+        self.version = version
+        self.namespace = namespace
+        self.limits = limits or Limits()
+        self._rng = rng
+        self._source_header = b"x-mesh-source: " + service.encode() + b"\r\n"
+        self._app = Endpoint(*app) if app else None
+        self._mirrors_in_flight = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self.inbound = _Listener(self.loop, self._handle_inbound, self.limits)
+        self.outbound = _Listener(self.loop, self._handle_outbound, self.limits)
+        self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(1.0, self._sweep)
+
+    # -- lifecycle
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        self.inbound.sweep(now)
+        self.outbound.sweep(now)
+        older = now - self.limits.upstream_idle_s
+        for ep in [*self.registry.all(), *([self._app] if self._app else [])]:
+            pool = ep.pool
+            if pool is not None:
+                cast(_Pool, pool).close_idle(older)
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def prune_endpoints(self, keep: frozenset[Endpoint]) -> None:
+        """Close idle connections to endpoints no config references any more."""
+        for ep in self.registry.retain(keep):
+            if ep.pool is not None:
+                cast(_Pool, ep.pool).close_idle(float("inf"))
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        drain = self.limits.drain_timeout_s
+        await asyncio.gather(self.inbound.close(drain), self.outbound.close(drain))
+        for ep in [*self.registry.all(), *([self._app] if self._app else [])]:
+            if ep.pool is not None:
+                cast(_Pool, ep.pool).close_idle(float("inf"))
+        for t in list(self._background):
+            t.cancel()
+
+    def connection_count(self) -> int:
+        return len(self.inbound.conns) + len(self.outbound.conns)
+
+    # -- shared helpers
+
+    def _pool(self, ep: Endpoint) -> _Pool:
+        pool = ep.pool
+        if pool is None:
+            pool = ep.pool = _Pool(ep)
+        return cast(_Pool, pool)
+
+    async def _connect(
+        self,
+        ep: Endpoint,
+        max_conns: int,
+        max_pending: int,
+        connect_timeout: float,
+        deadline: float,
+    ) -> tuple[_Upstream, bool]:
+        """A connection to ``ep`` and whether it was reused from the pool."""
+        pool = self._pool(ep)
+        idle = pool.idle
+        while idle:
+            c = idle.pop()
+            if not c.closed:
+                return c, True
+        loop = self.loop
+        while pool.open >= max_conns:
+            if len(pool.waiters) >= max_pending:
+                raise _Failure("overflow")
+            fut: asyncio.Future[_Upstream | None] = loop.create_future()
+            pool.waiters.append(fut)
+            timer = loop.call_at(deadline, _expire_future, fut)
+            try:
+                got = await fut
+            finally:
+                timer.cancel()
+            if got is not None:
+                if not got.closed:
+                    return got, True
+                continue
+        pool.open += 1
+        timeout = min(connect_timeout, deadline - loop.time())
+        try:
+            if timeout <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(timeout):
+                _, proto = await loop.create_connection(
+                    lambda: _Upstream(pool, loop), ep.host, ep.port
+                )
+        except (OSError, TimeoutError) as exc:
+            pool.open -= 1
+            pool._wake_one(None)
+            raise _Failure("timeout" if deadline <= loop.time() else "connect-failure") from exc
+        return proto, False
+
+    async def _exchange(
+        self,
+        ep: Endpoint,
+        req: _Request,
+        head: bytes,
+        body: bytes | None,
+        deadline: float,
+        max_conns: int,
+        max_pending: int,
+        connect_timeout: float,
+    ) -> _Upstream:
+        """Send one request to ``ep`` and return once its response head has arrived.
+
+        ``body`` None means stream ``req.body`` (never retried). A reused keep-alive connection
+        that the upstream closed just as we sent on it is retried once on a fresh connection:
+        the upstream never saw that request.
+        """
+        loop = self.loop
+        for _ in range(2):
+            up, reused = await self._connect(ep, max_conns, max_pending, connect_timeout, deadline)
+            waiter = up.begin(req.method == b"HEAD")
+            transport = up.transport
+            assert transport is not None
+            pump: asyncio.Task[None] | None = None
+            if body is not None:
+                transport.write(head + body if len(body) < 16384 else head)
+                if len(body) >= 16384:
+                    transport.write(body)
+            else:
+                transport.write(head)
+                pump = loop.create_task(self._pump_body(req, up))
+            timer = loop.call_at(deadline, up.expire)
+            try:
+                await waiter
+            except _Failure as f:
+                if pump is not None:
+                    pump.cancel()
+                up.abort()
+                if f.kind == "reset" and reused and not up.got_bytes and body is not None:
+                    continue
+                raise
+            finally:
+                timer.cancel()
+            if pump is not None and not pump.done():
+                # The upstream answered before taking the whole body: let the pump finish in
+                # the background; if it cannot, the connection will not be reused.
+                self._background.add(pump)
+                pump.add_done_callback(self._background.discard)
+            return up
+        raise _Failure("reset")
+
+    async def _pump_body(self, req: _Request, up: _Upstream) -> None:
+        body = req.body
+        assert body is not None
+        transport = up.transport
+        assert transport is not None
+        chunked = req.content_length is None
+        try:
+            while True:
+                chunk = await body.next_chunk()
+                if chunk is None:
+                    break
+                if up.closed:
+                    return
+                if chunked:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    transport.write(chunk)
+                if up.write_paused:
+                    await up.drain()
+            if chunked and not up.closed:
+                transport.write(b"0\r\n\r\n")
+        except (_ClientGone, _Failure):
+            up.abort()
+        except asyncio.CancelledError:
+            up.abort()
+            raise
+
+    def _build_head(
+        self,
+        req: _Request,
+        path: bytes,
+        host: bytes | None,
+        body: bytes | None,
+        traceparent: bytes | None,
+        request_id: bytes,
+        outbound: bool,
+    ) -> bytes:
+        parts = [req.method, b" ", path, b" HTTP/1.1\r\n"]
+        if host is not None:
+            parts += (b"host: ", host, b"\r\n")
+        for name, value in req.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"x-request-id: ", request_id, b"\r\n")
+        if traceparent is not None:
+            parts += (b"traceparent: ", traceparent, b"\r\n")
+        if outbound:
+            parts.append(self._source_header)
+        if body is not None:
+            if body or req.body is not None or req.method in (b"POST", b"PUT", b"PATCH"):
+                parts.append(b"content-length: %d\r\n" % len(body))
+        elif req.content_length is not None:
+            parts.append(b"content-length: %d\r\n" % req.content_length)
+        else:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        return b"".join(parts)
+
+    def _finish_head(self, head: bytes, conn: _Downstream, req: _Request) -> bytes:
+        peer = conn.peer
+        xff = peer if req.xff is None else req.xff + b", " + peer
+        return head + b"x-forwarded-for: " + xff + b"\r\n\r\n"
+
+    async def _read_body(self, req: _Request) -> bytes | None:
+        """The request body if small enough to keep for retries and mirroring, else None."""
+        b = req.body
+        if b is None:
+            return b""
+        if req.content_length is not None and req.content_length > RETRY_BUFFER_BYTES:
+            return None
+        return await b.read_upto(RETRY_BUFFER_BYTES)
+
+    async def _relay(self, conn: _Downstream, req: _Request, up: _Upstream) -> bool:
+        """Send the chosen response to the caller. Returns whether the caller connection may be
+        kept open."""
+        status = up.status
+        parts = [_status_line(status)]
+        extra: set[bytes] | None = None
+        for name, value in up.headers:
+            n = name.lower()
+            if n in _RESPONSE_DROP:
+                if n == b"connection":
+                    tokens = _connection_tokens(value) - {b"close", b"keep-alive"}
+                    if tokens:
+                        extra = tokens
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if extra:
+            parts = [parts[0]] + [p for p in _header_triples(up.headers, extra | _RESPONSE_DROP)]
+        no_body = req.method == b"HEAD" or status in (204, 304)
+        keep = req.keep_alive and not conn.closed
+        chunked = False
+        if no_body:
+            if up.content_length is not None and status != 204:
+                parts.append(b"content-length: %d\r\n" % up.content_length)
+        elif up.content_length is not None:
+            parts.append(b"content-length: %d\r\n" % up.content_length)
+        elif up.complete:
+            parts.append(b"content-length: %d\r\n" % sum(len(p) for p in up.body_parts))
+        elif req.http11:
+            chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        else:
+            keep = False  # HTTP/1.0 caller, unknown length: the end of the body is the close
+        if not keep:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if up.body_parts and not no_body:
+            buffered = b"".join(up.body_parts)
+            up.body_parts = []
+            if chunked:
+                parts.append(b"%x\r\n%b\r\n" % (len(buffered), buffered))
+            else:
+                parts.append(buffered)
+        conn.responded = True
+        conn.write(b"".join(parts))
+        if not up.complete and not no_body:
+            up.sink = conn
+            up.sink_chunked = chunked
+            conn.relaying = up
+            if conn.write_paused and up.transport is not None:
+                up.transport.pause_reading()
+            try:
+                await up.wait_done()
+            except _Failure:
+                # The upstream broke off mid-body: all we can do is break off too, so that the
+                # caller sees a truncated response rather than a silently short one.
+                conn.relaying = None
+                conn.close()
+                return False
+            conn.relaying = None
+            if up.transport is not None and not up.closed:
+                up.transport.resume_reading()
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+        if conn.write_paused:
+            await conn.drain()
+        return keep
+
+    def _release(self, up: _Upstream) -> None:
+        if up.complete and not up.closed:
+            up.pool.release(up, self.loop.time())
+        else:
+            up.abort()
+
+    def _discard(self, up: _Upstream) -> None:
+        """Drop a response we will not relay (a retried 5xx)."""
+        if up.complete:
+            self._release(up)
+        else:
+            up.abort()
+
+    # -- inbound
+
+    async def _handle_inbound(self, conn: _Downstream, req: _Request) -> bool:
+        cfg = self.holder.current
+        inbound = cfg.inbound
+        source = req.source.decode("latin-1") if req.source else "unknown"
+        tel = self.telemetry
+        if self._app is None:
+            keep = conn.send_error(req, 503, "no-app")
+            tel.record(
+                source=source,
+                destination=self.service,
+                destination_version=self.version,
+                status=503,
+                duration_s=self.loop.time() - req.started,
+            )
+            return keep
+        if inbound.rate_limit is not None and not inbound.rate_limit.try_acquire():
+            keep = conn.send_error(req, 429, "rate-limited")
+            tel.record(
+                source=source,
+                destination=self.service,
+                destination_version=self.version,
+                status=429,
+                duration_s=self.loop.time() - req.started,
+            )
+            return keep
+        _, path = _split_target(req.url, req.host)
+        if not path:
+            return conn.send_error(req, 400, "malformed-request")
+        span = tel.start_span(
+            name=f"{self.service} inbound",
+            kind="server",
+            traceparent=req.traceparent,
+            attributes={"http.request.method": req.method.decode("latin-1"), "mesh.source": source},
+        )
+        tp = span.traceparent() if span is not None else tel.outgoing_traceparent(req.traceparent)
+        body = await self._read_body(req)
+        request_id = req.request_id or _request_id()
+        head = self._finish_head(
+            self._build_head(req, path, req.host, body, tp, request_id, outbound=False), conn, req
+        )
+        deadline = req.started + inbound.timeout_s
+        ep = self._app
+        ep.active_requests += 1
+        status: int | None = None
+        try:
+            try:
+                up = await self._exchange(
+                    ep,
+                    req,
+                    head,
+                    body,
+                    deadline,
+                    inbound.max_connections,
+                    inbound.max_pending,
+                    inbound.connect_timeout_s,
+                )
+            except _Failure as f:
+                status = 504 if f.kind == "timeout" else 503
+                return conn.send_error(req, status, _FAILURE_REASON[f.kind])
+            status = up.status
+            try:
+                return await self._relay(conn, req, up)
+            finally:
+                self._release(up)
+        finally:
+            ep.active_requests -= 1
+            if span is not None:
+                span.end(status)
+            tel.record(
+                source=source,
+                destination=self.service,
+                destination_version=self.version,
+                status=status,
+                duration_s=self.loop.time() - req.started,
+            )
+
+    # -- outbound
+
+    async def _handle_outbound(self, conn: _Downstream, req: _Request) -> bool:
+        cfg = self.holder.current
+        tel = self.telemetry
+        loop = self.loop
+        authority, path = _split_target(req.url, req.host)
+        if authority is None or not path:
+            reason = "unsupported" if req.url[:8].lower() == b"https://" else "malformed-request"
+            return conn.send_error(req, 501 if reason == "unsupported" else 400, reason)
+        svc = cfg.service_for(authority)
+        if svc is None:
+            tel.record(
+                source=self.service,
+                destination="unknown",
+                destination_version="unknown",
+                status=404,
+                duration_s=loop.time() - req.started,
+            )
+            return conn.send_error(req, 404, "unknown-service")
+        if svc.rate_limit is not None and not svc.rate_limit.try_acquire():
+            tel.record(
+                source=self.service,
+                destination=svc.name,
+                destination_version="unknown",
+                status=429,
+                duration_s=loop.time() - req.started,
+            )
+            return conn.send_error(req, 429, "rate-limited")
+        q = path.find(b"?")
+        route = svc.match(
+            req.method, path if q < 0 else path[:q], req.lookup() if svc.needs_headers else None
+        )
+        if route is None:
+            tel.record(
+                source=self.service,
+                destination=svc.name,
+                destination_version="unknown",
+                status=404,
+                duration_s=loop.time() - req.started,
+            )
+            return conn.send_error(req, 404, "no-route")
+        pool = route.pick_pool()
+        if route.fault is not None:
+            delay = route.fault.delay()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            abort = route.fault.abort()
+            if abort is not None:
+                tel.record(
+                    source=self.service,
+                    destination=svc.name,
+                    destination_version=pool.version,
+                    status=abort,
+                    duration_s=loop.time() - req.started,
+                )
+                return conn.send_error(req, abort, "fault-abort")
+        body = await self._read_body(req)
+        span = tel.start_span(
+            name=f"{svc.name} outbound",
+            kind="client",
+            traceparent=req.traceparent,
+            attributes={
+                "http.request.method": req.method.decode("latin-1"),
+                "mesh.destination": svc.name,
+                "mesh.route": route.name,
+            },
+        )
+        tp = span.traceparent() if span is not None else tel.outgoing_traceparent(req.traceparent)
+        request_id = req.request_id or _request_id()
+        base_head = self._build_head(req, path, authority, body, tp, request_id, outbound=True)
+        head = self._finish_head(base_head, conn, req)
+        if (
+            body is not None
+            and route.mirror is not None
+            and percent_chance(route.mirror_percent, self._rng)
+        ):
+            self._mirror(route, svc, req, path, authority, body, tp, request_id, conn)
+        status: int | None = None
+        try:
+            status, keep = await self._forward(conn, req, svc, route, pool, head, body)
+            return keep
+        finally:
+            if span is not None:
+                span.end(status)
+            tel.record(
+                source=self.service,
+                destination=svc.name,
+                destination_version=pool.version,
+                status=status,
+                duration_s=loop.time() - req.started,
+            )
+
+    async def _forward(
+        self,
+        conn: _Downstream,
+        req: _Request,
+        svc: CompiledService,
+        route: CompiledRoute,
+        pool: VersionPool,
+        head: bytes,
+        body: bytes | None,
+    ) -> tuple[int | None, bool]:
+        loop = self.loop
+        rules = route.retry
+        route_deadline = req.started + route.timeout_s
+        svc.budget.record_request()
+        retryable = body is not None and rules.attempts > 0 and rules.method_allowed(req.method)
+        attempt = 0
+        avoid: Endpoint | None = None
+        while True:
+            now = loop.time()
+            ep = pool.balancer.pick(now, avoid)
+            deadline = route_deadline
+            if rules.per_try_timeout_s is not None:
+                deadline = min(deadline, now + rules.per_try_timeout_s)
+            ep.active_requests += 1
+            try:
+                try:
+                    up = await self._exchange(
+                        ep,
+                        req,
+                        head,
+                        body,
+                        deadline,
+                        svc.max_connections,
+                        svc.max_pending,
+                        svc.connect_timeout_s,
+                    )
+                except _Failure as f:
+                    if f.kind != "overflow":
+                        svc.outlier.report(ep, True, pool.endpoints)
+                    if (
+                        retryable
+                        and f.kind != "overflow"
+                        and attempt < rules.attempts
+                        and rules.failure_retryable(f.kind)
+                        and await self._backoff(rules, attempt + 1, route_deadline, svc)
+                    ):
+                        attempt += 1
+                        avoid = ep
+                        continue
+                    status = 504 if f.kind == "timeout" else 503
+                    return status, conn.send_error(req, status, _FAILURE_REASON[f.kind])
+                status = up.status
+                failed = status >= 500
+                svc.outlier.report(ep, failed, pool.endpoints)
+                if (
+                    failed
+                    and retryable
+                    and attempt < rules.attempts
+                    and rules.status_retryable(status)
+                    and await self._backoff(rules, attempt + 1, route_deadline, svc)
+                ):
+                    self._discard(up)
+                    attempt += 1
+                    avoid = ep
+                    continue
+                try:
+                    return status, await self._relay(conn, req, up)
+                finally:
+                    self._release(up)
+            finally:
+                ep.active_requests -= 1
+
+    async def _backoff(
+        self, rules: RetryRules, retry_number: int, deadline: float, svc: CompiledService
+    ) -> bool:
+        """Wait before a retry; False when the deadline or the retry budget forbids it."""
+        delay = rules.backoff(retry_number, self._rng)
+        if self.loop.time() + delay >= deadline:
+            return False
+        if not svc.budget.try_retry():
+            return False
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return True
+
+    # -- mirroring
+
+    def _mirror(
+        self,
+        route: CompiledRoute,
+        svc: CompiledService,
+        req: _Request,
+        path: bytes,
+        authority: bytes,
+        body: bytes,
+        traceparent: bytes | None,
+        request_id: bytes,
+        conn: _Downstream,
+    ) -> None:
+        if self._mirrors_in_flight >= _MAX_MIRRORS_IN_FLIGHT:
+            return  # shed mirrors rather than let them queue behind real traffic
+        target = route.mirror
+        assert target is not None
+        # As in Envoy, the shadow copy's Host says it is one, so the receiver can tell.
+        head = self._finish_head(
+            self._build_head(
+                req, path, authority + b"-shadow", body, traceparent, request_id, outbound=True
+            ),
+            conn,
+            req,
+        )
+        ep = target.balancer.pick(self.loop.time())
+        self._mirrors_in_flight += 1
+        task = self.loop.create_task(self._send_mirror(ep, req, head, body, svc, route.timeout_s))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_mirror(
+        self,
+        ep: Endpoint,
+        req: _Request,
+        head: bytes,
+        body: bytes,
+        svc: CompiledService,
+        timeout_s: float,
+    ) -> None:
+        deadline = self.loop.time() + timeout_s
+        try:
+            up = await self._exchange(
+                ep, req, head, body, deadline, svc.max_connections, 0, svc.connect_timeout_s
+            )
+            up.discard = True
+            up.body_parts = []
+            if not up.complete:
+                timer = self.loop.call_at(deadline, up.abort)
+                try:
+                    await up.wait_done()
+                finally:
+                    timer.cancel()
+            self._release(up)
+        except _Failure:
+            pass
+        except Exception:
+            log.exception("mirror request failed")
+        finally:
+            self._mirrors_in_flight -= 1
+
+
+def _header_triples(
+    headers: list[tuple[bytes, bytes]], drop: set[bytes] | frozenset[bytes]
+) -> list[bytes]:
+    out: list[bytes] = []
+    for name, value in headers:
+        if name.lower() not in drop:
+            out += (name, b": ", value, b"\r\n")
+    return out
+
+
+def _expire_future(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(_Failure("timeout"))
+
+
+_FAILURE_REASON = {
+    "connect-failure": "connect-failure",
+    "reset": "upstream-reset",
+    "timeout": "upstream-timeout",
+    "overflow": "overflow",
+}

@@ -1,0 +1,297 @@
+"""Compiled route tables.
+
+A validated :class:`~mesh_agent.protocol.MeshConfig` is compiled once per config version into
+plain objects the hot path can use without further parsing: byte strings to compare, regexes
+compiled once, cumulative weights for the version split, balancers over shared endpoints.
+A compiled config is never mutated; a new version compiles a new one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+
+from mesh_agent import protocol
+from mesh_agent.balancer import Balancer, Endpoint, EndpointRegistry, make_balancer
+from mesh_agent.resilience import (
+    FaultInjector,
+    OutlierDetector,
+    RetryBudget,
+    RetryRules,
+    TokenBucket,
+)
+
+__all__ = [
+    "CompiledConfig",
+    "CompiledRoute",
+    "CompiledService",
+    "HeaderLookup",
+    "Inbound",
+    "VersionPool",
+    "compile_config",
+]
+
+HeaderLookup = Mapping[bytes, bytes]
+
+
+class VersionPool:
+    """The endpoints of one version of a service and the balancer over them."""
+
+    __slots__ = ("balancer", "endpoints", "version")
+
+    def __init__(self, version: str, endpoints: tuple[Endpoint, ...], lb: str) -> None:
+        self.version = version
+        self.endpoints = endpoints
+        self.balancer: Balancer = make_balancer(lb, endpoints)
+
+
+class _HeaderMatcher:
+    __slots__ = ("exact", "invert", "name", "prefix", "present", "regex")
+
+    def __init__(self, m: protocol.HeaderMatch) -> None:
+        self.name = m.name.encode("latin-1")
+        self.exact = m.exact.encode("latin-1") if m.exact is not None else None
+        self.prefix = m.prefix.encode("latin-1") if m.prefix is not None else None
+        self.regex = re.compile(m.regex.encode("latin-1")) if m.regex is not None else None
+        self.present = m.present
+        self.invert = m.invert
+
+    def matches(self, headers: HeaderLookup) -> bool:
+        value = headers.get(self.name)
+        if self.present is not None:
+            ok = (value is not None) == self.present
+        elif value is None:
+            ok = False
+        elif self.exact is not None:
+            ok = value == self.exact
+        elif self.prefix is not None:
+            ok = value.startswith(self.prefix)
+        else:
+            assert self.regex is not None
+            ok = self.regex.fullmatch(value) is not None
+        return ok != self.invert
+
+
+class CompiledRoute:
+    __slots__ = (
+        "_cumulative",
+        "_rng",
+        "_total",
+        "fault",
+        "headers",
+        "methods",
+        "mirror",
+        "mirror_percent",
+        "name",
+        "path_exact",
+        "path_prefix",
+        "path_regex",
+        "pools",
+        "retry",
+        "timeout_s",
+    )
+
+    def __init__(
+        self,
+        route: protocol.Route,
+        service: protocol.ServiceConfig,
+        pools: Mapping[str, VersionPool],
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.name = route.name
+        path = route.match.path
+        self.path_exact = path.exact.encode() if path and path.exact is not None else None
+        self.path_prefix = path.prefix.encode() if path and path.prefix is not None else None
+        self.path_regex = (
+            re.compile(path.regex.encode()) if path and path.regex is not None else None
+        )
+        self.methods = (
+            frozenset(m.encode() for m in route.match.methods) if route.match.methods else None
+        )
+        self.headers = tuple(_HeaderMatcher(h) for h in route.match.headers)
+        backends = [b for b in route.backends if b.weight > 0]
+        self.pools = tuple(pools[b.version] for b in backends)
+        cumulative: list[int] = []
+        total = 0
+        for b in backends:
+            total += b.weight
+            cumulative.append(total)
+        self._cumulative = cumulative
+        self._total = total
+        self._rng = rng
+        self.timeout_s = (route.timeout_ms or service.timeout_ms) / 1000.0
+        self.retry = RetryRules(route.retries or service.retries)
+        self.fault = FaultInjector(route.fault) if route.fault else None
+        self.mirror = pools[route.mirror.version] if route.mirror else None
+        self.mirror_percent = route.mirror.percent if route.mirror else 0.0
+
+    def matches(self, method: bytes, path: bytes, headers: HeaderLookup | None) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self.path_exact is not None and path != self.path_exact:
+            return False
+        if self.path_prefix is not None and not path.startswith(self.path_prefix):
+            return False
+        if self.path_regex is not None and self.path_regex.fullmatch(path) is None:
+            return False
+        if self.headers:
+            if headers is None:
+                return False
+            for h in self.headers:
+                if not h.matches(headers):
+                    return False
+        return True
+
+    def pick_pool(self) -> VersionPool:
+        """The weighted version split."""
+        pools = self.pools
+        if len(pools) == 1:
+            return pools[0]
+        i = bisect.bisect_right(self._cumulative, self._rng() * self._total)
+        return pools[min(i, len(pools) - 1)]
+
+
+class CompiledService:
+    __slots__ = (
+        "budget",
+        "connect_timeout_s",
+        "max_connections",
+        "max_pending",
+        "name",
+        "namespace",
+        "needs_headers",
+        "outlier",
+        "pools",
+        "rate_limit",
+        "routes",
+    )
+
+    def __init__(
+        self,
+        svc: protocol.ServiceConfig,
+        registry: EndpointRegistry,
+        clock: Callable[[], float],
+        rng: Callable[[], float],
+    ) -> None:
+        self.name = svc.name
+        self.namespace = svc.namespace
+        pools: dict[str, VersionPool] = {}
+        for version, vc in svc.versions.items():
+            if vc.endpoints:
+                eps = tuple(registry.get(*protocol.parse_address(a)) for a in vc.endpoints)
+                pools[version] = VersionPool(version, eps, svc.load_balancer)
+        self.pools = pools
+        routes = svc.routes
+        if not routes:
+            # No policy yet: spread over all endpoints, each version weighted by its size.
+            routes = (
+                protocol.Route(
+                    name="default",
+                    backends=tuple(
+                        protocol.Backend(version=v, weight=len(p.endpoints))
+                        for v, p in pools.items()
+                    ),
+                ),
+            )
+        self.routes = tuple(CompiledRoute(r, svc, pools, rng) for r in routes)
+        self.needs_headers = any(r.headers for r in self.routes)
+        self.outlier = OutlierDetector(svc.outlier_detection, clock)
+        self.budget = RetryBudget(
+            svc.retry_budget.percent,
+            svc.retry_budget.min_retries_per_second,
+            svc.retry_budget.window_s,
+            clock,
+        )
+        self.rate_limit = (
+            TokenBucket(svc.rate_limit.requests_per_second, svc.rate_limit.burst, clock)
+            if svc.rate_limit
+            else None
+        )
+        limits = svc.connection_limits
+        self.max_connections = limits.max_connections
+        self.max_pending = limits.max_pending_requests
+        self.connect_timeout_s = limits.connect_timeout_ms / 1000.0
+
+    def match(
+        self, method: bytes, path: bytes, headers: HeaderLookup | None
+    ) -> CompiledRoute | None:
+        """First matching route wins. ``path`` must not include the query string."""
+        for r in self.routes:
+            if r.matches(method, path, headers):
+                return r
+        return None
+
+
+class Inbound:
+    __slots__ = ("connect_timeout_s", "max_connections", "max_pending", "rate_limit", "timeout_s")
+
+    def __init__(self, policy: protocol.InboundPolicy, clock: Callable[[], float]) -> None:
+        self.timeout_s = policy.timeout_ms / 1000.0
+        self.rate_limit = (
+            TokenBucket(policy.rate_limit.requests_per_second, policy.rate_limit.burst, clock)
+            if policy.rate_limit
+            else None
+        )
+        limits = policy.connection_limits
+        self.max_connections = limits.max_connections
+        self.max_pending = limits.max_pending_requests
+        self.connect_timeout_s = limits.connect_timeout_ms / 1000.0
+
+
+class CompiledConfig:
+    """Everything the proxy needs for one config version. Immutable once built: a request
+    keeps the object it started with, so a swap never changes a request mid-flight."""
+
+    __slots__ = ("by_host", "config", "endpoints", "inbound", "services", "version")
+
+    def __init__(
+        self,
+        config: protocol.MeshConfig,
+        version: str,
+        registry: EndpointRegistry,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.version = version
+        self.services = tuple(CompiledService(s, registry, clock, rng) for s in config.services)
+        by_host: dict[bytes, CompiledService] = {}
+        for s in self.services:
+            # Callers may use the short name or any of the Kubernetes-style long forms.
+            for host in (
+                f"{s.name}.{s.namespace}.svc.cluster.local",
+                f"{s.name}.{s.namespace}.svc",
+                f"{s.name}.{s.namespace}",
+            ):
+                by_host[host.encode()] = s
+        for s in self.services:
+            # The short name resolves to the service of that name in the first namespace listed.
+            by_host.setdefault(s.name.encode(), s)
+        self.by_host = by_host
+        self.inbound = Inbound(config.inbound, clock)
+        self.endpoints = frozenset(
+            e for s in self.services for p in s.pools.values() for e in p.endpoints
+        )
+
+    def service_for(self, host: bytes) -> CompiledService | None:
+        """Look up a destination by the host a caller used (port and case ignored)."""
+        s = self.by_host.get(host)
+        if s is not None:
+            return s
+        if host.startswith(b"["):
+            return None
+        name = host.rsplit(b":", 1)[0] if b":" in host else host
+        return self.by_host.get(name.lower().rstrip(b"."))
+
+
+def compile_config(
+    config: protocol.MeshConfig,
+    version: str,
+    registry: EndpointRegistry,
+    clock: Callable[[], float] = time.monotonic,
+    rng: Callable[[], float] = random.random,
+) -> CompiledConfig:
+    return CompiledConfig(config, version, registry, clock, rng)
