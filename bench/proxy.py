@@ -297,12 +297,40 @@ def start_agent(
     return children.start(name, argv, tmp, env=env, cwd=state)
 
 
-def agent_extra_flags(help_text: str, state_dir_flag_dir: Path) -> list[str]:
-    """Optional flags, passed only when this mesh-agent has them."""
+def agent_extra_flags(help_text: str, state_dir: Path, otlp: str | None) -> list[str]:
+    """Optional flags, passed only when this mesh-agent has them. The sampling ratio is left at
+    the agent's default on purpose: the benchmark measures the agent as it ships."""
     extra: list[str] = []
     if "--state-dir" in help_text:
-        extra += ["--state-dir", str(state_dir_flag_dir)]
+        extra += ["--state-dir", str(state_dir)]
+    if otlp and "--otlp-endpoint" in help_text:
+        extra += ["--otlp-endpoint", otlp]
     return extra
+
+
+def start_otlp_sink(children: Children, tmp: Path) -> str:
+    port = free_port()
+    sink = Path(__file__).resolve().parent / "_backends" / "otlp_sink.py"
+    children.start("otlp-sink", [sys.executable, str(sink), str(port)], tmp)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children.check_alive()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return f"http://127.0.0.1:{port}"
+        time.sleep(0.05)
+    raise RuntimeError("OTLP sink did not start")
+
+
+def otlp_counts(url: str | None) -> dict[str, int] | None:
+    if url is None:
+        return None
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url + "/count", timeout=5) as response:
+            counts: dict[str, int] = json.loads(response.read())
+            return counts
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,6 +752,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="keep everything up this many seconds after start-up (for profiling by hand)",
     )
+    p.add_argument(
+        "--no-otlp",
+        action="store_true",
+        help="do not give the agents an OTLP endpoint (by default a local sink receives spans)",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the logs")
     args = p.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
@@ -756,6 +789,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp.chmod(0o755)  # nginx workers drop to `nobody` when started as root
     children = Children()
     rows: list[Row] = []
+    spans: dict[str, int] | None = None
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
         backend = free_port()
@@ -777,11 +811,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wanted_agents = [r for r in ("agent", "mesh") if r in args.rows]
         binary = mesh_agent_bin() if wanted_agents else None
         admin_of: dict[str, int] = {}
+        otlp: str | None = None
         if wanted_agents and binary is None:
             for name in wanted_agents:
                 rows.append(Row(name, name, 0, HOPS[name], note="mesh-agent not installed"))
         elif wanted_agents and binary is not None:
             help_text = agent_help(binary)
+            otlp = None if args.no_otlp else start_otlp_sink(children, tmp)
             if "agent" in args.rows:
                 inbound, admin = free_port(), free_port()
                 proc = start_agent(
@@ -795,7 +831,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     outbound=free_port(),
                     admin=admin,
                     services={},
-                    extra=agent_extra_flags(help_text, tmp / "agent-state") + args.agent_arg,
+                    extra=agent_extra_flags(help_text, tmp / "agent-state", otlp) + args.agent_arg,
                 )
                 admin_of["agent"] = admin
                 row = Row("agent", "agent: inbound → backend", inbound, 1, [proc.pid])
@@ -818,7 +854,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     outbound=free_port(),
                     admin=b_admin,
                     services={},
-                    extra=agent_extra_flags(help_text, tmp / "b-state") + args.agent_arg,
+                    extra=agent_extra_flags(help_text, tmp / "b-state", otlp) + args.agent_arg,
                 )
                 proc_a = start_agent(
                     children,
@@ -831,7 +867,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     outbound=a_out,
                     admin=a_admin,
                     services={DEST_SERVICE: [b_in]},
-                    extra=agent_extra_flags(help_text, tmp / "a-state") + args.agent_arg,
+                    extra=agent_extra_flags(help_text, tmp / "a-state", otlp) + args.agent_arg,
                 )
                 admin_of["mesh"] = a_admin
                 row = Row(
@@ -906,6 +942,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if not r.agent_requests_counted:
                     r.add_note("/metrics counted no requests")
 
+        spans = otlp_counts(otlp)
         by = {r.name: r for r in rows}
         nginx_rps = by["nginx"].max_rps if "nginx" in by else None
         direct_p99 = by["direct"].p99_ms
@@ -922,6 +959,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print_table(rows, args)
+    if spans is not None:
+        print(
+            f"tracing: agents at their default sampling ratio exported {spans['spans']} spans "
+            f"in {spans['requests']} OTLP/HTTP requests to a local sink"
+        )
+    elif not args.no_otlp:
+        print("tracing: no spans exported (no OTLP endpoint or sink)")
     result_targets = targets(rows)
     print_targets(result_targets)
     return {
@@ -941,6 +985,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "latency from due time (no wrk2 in Debian)",
         },
         "rows": [asdict(r) for r in rows],
+        "otlp_sink": spans,
         "targets": result_targets,
     }
 
