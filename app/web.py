@@ -24,6 +24,7 @@ from app.config import REPO_ROOT
 __all__ = [
     "FLASH_COOKIE",
     "FieldChange",
+    "clean_url",
     "field_errors",
     "flash",
     "fragment",
@@ -136,7 +137,12 @@ def query_with(request: Request, **overrides: Any) -> str:
     params: dict[str, Any] = dict(request.query_params)
     params.update(overrides)
     kept = {k: v for k, v in params.items() if v not in (None, "")}
-    return "?" + urlencode(kept) if kept else "?"
+    return "?" + urlencode(kept) if kept else ""
+
+
+def clean_url(request: Request) -> str:
+    """This request's path and query without empty parameters: what the address bar shows."""
+    return request.url.path + query_with(request)
 
 
 def _environment() -> jinja2.Environment:
@@ -186,13 +192,12 @@ def render(
     """
     ctx: dict[str, Any] = {"htmx": is_htmx(request), "flash": None, **(context or {})}
     if ctx["htmx"] and block_name is not None:
-        if isinstance(block_name, str):
-            return templates.TemplateResponse(
-                request, template, ctx, status_code, headers, block_name=block_name
-            )
-        return templates.TemplateResponse(
-            request, template, ctx, status_code, headers, block_names=list(block_name)
+        names = [block_name] if isinstance(block_name, str) else list(block_name)
+        response = templates.TemplateResponse(
+            request, template, ctx, status_code, headers, block_names=names
         )
+        response.headers.setdefault("Vary", "HX-Request")
+        return response
     raw_flash = request.cookies.get(FLASH_COOKIE)
     if raw_flash:
         ctx["flash"] = unquote(raw_flash)[:300]
@@ -294,6 +299,8 @@ def require_same_origin(request: Request) -> None:
     Browsers always send Origin on cross-site POSTs, so a mismatch is refused; requests with
     neither header come from non-browser clients, which cannot be tricked into posting.
     """
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return  # reads change nothing; links from other sites (wikis, chat) must keep working
     source = request.headers.get("origin") or request.headers.get("referer")
     if not source:
         return

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from app.audit import service as audit
 from app.deps import SessionDep
-from app.web import fragment, is_htmx, render
+from app.web import clean_url, fragment, is_htmx, render
 
 router = APIRouter()
 
@@ -77,7 +77,10 @@ def events_page(
     }
     if not is_htmx(request):
         context["actors"] = audit.list_actors(session)
-    return render(request, "audit/list.html", context, block_name="events")
+    response = render(request, "audit/list.html", context, block_name="events")
+    if is_htmx(request):
+        response.headers["HX-Push-Url"] = clean_url(request)
+    return response
 
 
 @router.get("/audit/verify")

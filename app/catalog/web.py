@@ -17,6 +17,7 @@ from app.catalog.schemas import ServiceCreate, ServiceUpdate, VersionCreate
 from app.deps import ActorDep, SessionDep
 from app.errors import ConflictError, DomainError, NotFoundError, StaleRevisionError
 from app.web import (
+    clean_url,
     field_errors,
     flash,
     is_htmx,
@@ -124,6 +125,9 @@ def _parse_service_form(
         )
     except ValidationError as exc:
         errors = field_errors(exc)
+    if "revision" in errors:  # a hidden field: only a damaged or hand-made form gets it wrong
+        del errors["revision"]
+        errors["__all__"] = "This form is out of date or damaged. Reload the page and try again."
     # A syntax error in a textarea hides whatever pydantic said about its partial parse.
     for name, message in (("links", links_error), ("labels", labels_error)):
         if message:
@@ -172,7 +176,11 @@ def list_page(
         # The filter selects are only on the full page; partials skip these two queries.
         context["namespaces"] = catalog.list_namespaces(session)
         context["teams"] = catalog.list_teams(session)
-    return render(request, "catalog/list.html", context, block_name="results")
+    response = render(request, "catalog/list.html", context, block_name="results")
+    if is_htmx(request):
+        # Overrides hx-push-url's address, which would carry every empty filter (?q=&team=).
+        response.headers["HX-Push-Url"] = clean_url(request)
+    return response
 
 
 def _form_page(

@@ -330,3 +330,22 @@ def test_same_origin_form_post_is_accepted(client: TestClient) -> None:
         follow_redirects=False,
     )
     assert response.status_code == 303
+
+
+def test_links_from_other_sites_still_open_pages(client: TestClient) -> None:
+    create(client)
+    headers = {"Referer": "https://wiki.example.com/runbooks", "Origin": "https://wiki.example.com"}
+    assert client.get("/services/default/reviews", headers=headers).status_code == 200
+
+
+def test_damaged_revision_is_explained_at_the_top_of_the_form(client: TestClient) -> None:
+    create(client)
+    response = client.post("/services/default/reviews/edit", data=form(revision="abc"), headers=HX)
+    assert response.status_code == 422
+    assert "out of date or damaged" in response.text
+
+
+def test_live_search_pushes_a_clean_address(client: TestClient) -> None:
+    response = client.get("/services?q=rev&namespace=&team=", headers=HX)
+    assert response.headers["hx-push-url"] == "/services?q=rev"
+    assert response.headers["vary"] == "HX-Request"
