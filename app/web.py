@@ -10,20 +10,22 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import jinja2
-from fastapi import HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.responses import RedirectResponse, Response
 from jinja2_fragments.fastapi import Jinja2Blocks
 from pydantic import ValidationError
+from starlette.datastructures import FormData
 
 from app.config import REPO_ROOT
 
 __all__ = [
     "FLASH_COOKIE",
     "FieldChange",
+    "FormDep",
     "clean_url",
     "field_errors",
     "flash",
@@ -36,6 +38,7 @@ __all__ = [
     "render",
     "require_same_origin",
     "templates",
+    "toast",
 ]
 
 TEMPLATES_DIR = REPO_ROOT / "templates"
@@ -256,19 +259,25 @@ def flash(response: Response, message: str) -> Response:
 # ---------------------------------------------------------------------------------------------
 
 
-def field_errors(
-    exc: ValidationError, *, aliases: Mapping[str, str] | None = None
-) -> dict[str, str]:
+async def _form_data(request: Request) -> FormData:
+    return await request.form()
+
+
+FormDep = Annotated[FormData, Depends(_form_data)]
+"""The posted form, read up front so that routes can stay sync: their database calls then run
+in the thread pool instead of blocking the event loop."""
+
+
+def field_errors(exc: ValidationError) -> dict[str, str]:
     """Pydantic errors keyed by form field, first message per field, in plain words.
 
-    ``aliases`` maps a schema field to the form input that carries it (e.g. ``links`` is typed
-    into a textarea, so ``links.2.url`` is reported on the textarea as "line 3: …").
+    List items are reported by line (``links.2.url`` → "line 3: …" on the links textarea, which
+    holds one link per line).
     """
     errors: dict[str, str] = {}
     for error in exc.errors():
         loc = [part for part in error["loc"] if part not in ("body", "__root__")]
         name = str(loc[0]) if loc else "__all__"
-        name = (aliases or {}).get(name, name)
         message = _friendly(error)
         if len(loc) > 1 and isinstance(loc[1], int):
             message = f"line {loc[1] + 1}: {message}"

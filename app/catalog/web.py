@@ -17,6 +17,7 @@ from app.catalog.schemas import ServiceCreate, ServiceUpdate, VersionCreate
 from app.deps import ActorDep, SessionDep
 from app.errors import ConflictError, DomainError, NotFoundError, StaleRevisionError
 from app.web import (
+    FormDep,
     clean_url,
     field_errors,
     flash,
@@ -212,8 +213,8 @@ def new_form(request: Request, session: SessionDep) -> Response:
 
 
 @router.post("/services/new")
-async def create(request: Request, session: SessionDep, actor: ActorDep) -> Response:
-    values = _values_from_form(await request.form())
+def create(request: Request, session: SessionDep, actor: ActorDep, form: FormDep) -> Response:
+    values = _values_from_form(form)
     data, errors = _parse_service_form(values, create=True)
     if isinstance(data, ServiceCreate):
         try:
@@ -272,13 +273,18 @@ def edit_form(request: Request, session: SessionDep, namespace: str, name: str) 
 
 
 @router.post("/services/{namespace}/{name}/edit")
-async def update(
-    request: Request, session: SessionDep, actor: ActorDep, namespace: str, name: str
+def update(
+    request: Request,
+    session: SessionDep,
+    actor: ActorDep,
+    form: FormDep,
+    namespace: str,
+    name: str,
 ) -> Response:
     service = _get_or_404(request, session, namespace, name)
     if isinstance(service, Response):
         return service
-    values = _values_from_form(await request.form())
+    values = _values_from_form(form)
     values["namespace"], values["name"] = service.namespace, service.name
     data, errors = _parse_service_form(values, create=False)
     if isinstance(data, ServiceUpdate):
@@ -310,10 +316,14 @@ async def update(
 
 
 @router.post("/services/{namespace}/{name}/delete")
-async def delete(
-    request: Request, session: SessionDep, actor: ActorDep, namespace: str, name: str
+def delete(
+    request: Request,
+    session: SessionDep,
+    actor: ActorDep,
+    form: FormDep,
+    namespace: str,
+    name: str,
 ) -> Response:
-    form = await request.form()
     raw_revision = _text(form, "revision")
     revision = int(raw_revision) if raw_revision.isdigit() else None
     try:
@@ -344,10 +354,14 @@ async def delete(
 
 
 @router.post("/services/{namespace}/{name}/versions")
-async def add_version(
-    request: Request, session: SessionDep, actor: ActorDep, namespace: str, name: str
+def add_version(
+    request: Request,
+    session: SessionDep,
+    actor: ActorDep,
+    form: FormDep,
+    namespace: str,
+    name: str,
 ) -> Response:
-    form = await request.form()
     values = {"name": _text(form, "name").strip(), "labels": _text(form, "labels")}
     labels, labels_error = parse_labels(values["labels"])
     errors: dict[str, str] = {}
