@@ -354,7 +354,6 @@ class _Downstream(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # CONNECT tunnels and protocol upgrades (WebSocket) are not proxied (yet).
             self._fail_parse(501, "unsupported")
         except httptools.HttpParserError:
             status, reason = self._parse_error or (400, "malformed-request")
@@ -443,6 +442,10 @@ class _Downstream(asyncio.Protocol):
         req = self._req
         assert req is not None
         parser = self.parser
+        if parser.should_upgrade():
+            # CONNECT tunnels and protocol upgrades (WebSocket) are not proxied (yet); the
+            # parser raises HttpParserUpgrade right after this and data_received answers 501.
+            return
         req.method = parser.get_method()
         req.keep_alive = parser.should_keep_alive()
         req.http11 = parser.get_http_version() == "1.1"
@@ -450,7 +453,7 @@ class _Downstream(asyncio.Protocol):
             # Headers named in Connection are hop-by-hop too (RFC 9110 section 7.6.1).
             extra = req.extra_hop
             req.headers = [(n, v) for n, v in req.headers if n.lower() not in extra]
-        if req.content_length != 0 or parser.should_upgrade():
+        if req.content_length != 0:
             req.body = _Body(self)
             req.chunked = req.content_length is None
             self.phase = _BODY

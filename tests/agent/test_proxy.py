@@ -1,0 +1,629 @@
+"""The proxy on real sockets: backends and clients on 127.0.0.1, the agent in-process on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from mesh_agent.proxy import Limits
+
+from .support import (
+    Agent,
+    Backend,
+    BackendRequest,
+    FakeTelemetry,
+    Response,
+    free_port,
+    raw_exchange,
+    run,
+    service,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def _client(agent: Agent, *, proxy: bool = False, **kw: object) -> httpx.AsyncClient:
+    if proxy:
+        return httpx.AsyncClient(proxy=agent.outbound, timeout=10, **kw)  # type: ignore[arg-type]
+    return httpx.AsyncClient(base_url=agent.outbound, timeout=10, **kw)  # type: ignore[arg-type]
+
+
+def test_outbound_by_proxy_form_and_host_header_with_header_hygiene() -> None:
+    async def scenario() -> None:
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            async with _client(agent, proxy=True) as c:
+                r = await c.get(
+                    "http://reviews/a/b?q=1",
+                    headers={
+                        "connection": "x-secret",
+                        "x-secret": "hop",
+                        "keep-alive": "timeout=5",
+                        "proxy-authorization": "Basic Zm9v",
+                        "te": "trailers",
+                        "x-mesh-source": "spoofed",
+                        "x-forwarded-for": "203.0.113.9",
+                        "x-keep": "yes",
+                    },
+                )
+                assert r.status_code == 200 and r.text == "ok"
+            async with _client(agent) as c:
+                r = await c.get("/c", headers={"host": "reviews.default.svc.cluster.local:80"})
+                assert r.status_code == 200
+            first, second = be.requests
+            assert first.path == "/a/b?q=1"  # absolute form became origin form
+            assert first.headers["host"] == "reviews"
+            for hop in ("connection", "x-secret", "keep-alive", "proxy-authorization", "te"):
+                assert hop not in first.headers, hop
+            assert first.headers["x-keep"] == "yes"
+            assert first.headers["x-mesh-source"] == "web"  # the client's value was replaced
+            assert first.headers["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+            assert len(first.headers["x-request-id"]) == 36
+            assert second.path == "/c"
+            assert second.headers["host"] == "reviews.default.svc.cluster.local:80"
+
+    run(scenario())
+
+
+def test_request_id_is_kept_and_trace_context_propagated() -> None:
+    async def scenario() -> None:
+        tel = FakeTelemetry(sample=True)
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}, telemetry=tel) as agent,
+        ):
+            async with _client(agent) as c:
+                incoming = "00-11111111111111111111111111111111-2222222222222222-01"
+                r = await c.get(
+                    "/", headers={"host": "reviews", "x-request-id": "abc", "traceparent": incoming}
+                )
+                assert r.status_code == 200
+            (req,) = be.requests
+            assert req.headers["x-request-id"] == "abc"
+            assert req.headers["traceparent"] == tel.spans[0].traceparent().decode()
+            assert tel.spans[0].incoming == incoming.encode()
+            assert tel.spans[0].status == 200
+            assert tel.records == [
+                {
+                    "source": "web",
+                    "destination": "reviews",
+                    "destination_version": "v1",
+                    "status": 200,
+                    "duration_s": tel.records[0]["duration_s"],
+                }
+            ]
+
+    run(scenario())
+
+
+def test_keep_alive_reuses_one_upstream_connection() -> None:
+    async def scenario() -> None:
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            async with _client(agent) as c:
+                for _ in range(25):
+                    r = await c.get("/", headers={"host": "reviews"})
+                    assert r.status_code == 200
+            assert len(be.requests) == 25
+            assert be.connections == 1
+
+    run(scenario())
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    async def scenario() -> None:
+        async def handler(req: BackendRequest) -> Response:
+            return Response(body=req.path.encode())
+
+        async with (
+            Backend(handler) as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            data = b"".join(
+                b"GET /p%d HTTP/1.1\r\nHost: reviews\r\n%s\r\n"
+                % (i, b"Connection: close\r\n" if i == 2 else b"")
+                for i in range(3)
+            )
+            out = await raw_exchange(agent.outbound_port, data)
+            assert out.count(b"HTTP/1.1 200") == 3
+            assert out.index(b"/p0") < out.index(b"/p1") < out.index(b"/p2")
+
+    run(scenario())
+
+
+def test_chunked_request_and_streamed_chunked_response() -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def handler(req: BackendRequest) -> Response:
+            async def body() -> AsyncIterator[bytes]:
+                yield b"first:" + req.body
+                await release.wait()  # the first chunk must reach the client before this
+                yield b":last"
+
+            return Response(body=body())
+
+        async with (
+            Backend(handler) as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+
+            async def upload() -> AsyncIterator[bytes]:
+                for part in (b"he", b"llo"):
+                    yield part
+
+            async with _client(agent) as c:
+                req = c.build_request("POST", "/", headers={"host": "reviews"}, content=upload())
+                resp = await c.send(req, stream=True)
+                assert resp.headers["transfer-encoding"] == "chunked"
+                chunks = resp.aiter_raw()
+                got = b""
+                while b"first:hello" not in got:
+                    got += await chunks.__anext__()
+                release.set()  # streaming proven: we have data while the backend still waits
+                async for chunk in chunks:
+                    got += chunk
+                await resp.aclose()
+                assert got == b"first:hello:last"
+            assert be.requests[0].chunked is False  # small chunked upload was buffered and sized
+            assert be.requests[0].headers["content-length"] == "5"
+
+    run(scenario())
+
+
+@pytest.mark.slow
+def test_large_bodies_stream_both_ways() -> None:
+    size = 20 * 1024 * 1024
+    blob = os.urandom(1024 * 1024)
+
+    async def scenario() -> None:
+        async def handler(req: BackendRequest) -> Response:
+            if req.method == "GET":
+
+                async def body() -> AsyncIterator[bytes]:
+                    for _ in range(size // len(blob)):
+                        yield blob
+
+                return Response(body=body())
+            return Response(body=req.body_sha256.encode())
+
+        async with (
+            Backend(handler) as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+
+            async def upload() -> AsyncIterator[bytes]:
+                for _ in range(size // len(blob)):
+                    yield blob
+
+            expected = hashlib.sha256(blob * (size // len(blob))).hexdigest()
+            async with _client(agent) as c:
+                r = await c.post("/up", headers={"host": "reviews"}, content=upload())
+                assert r.status_code == 200 and r.text == expected
+                assert be.requests[0].body_size == size
+                assert be.requests[0].chunked  # streamed on, not buffered and re-sized
+                h = hashlib.sha256()
+                n = 0
+                async with c.stream("GET", "/down", headers={"host": "reviews"}) as resp:
+                    async for chunk in resp.aiter_bytes():
+                        h.update(chunk)
+                        n += len(chunk)
+                assert n == size and h.hexdigest() == expected
+
+    run(scenario())
+
+
+def test_fixed_length_large_upload_keeps_content_length_and_is_not_retried() -> None:
+    body = os.urandom(300_000)
+
+    async def scenario() -> None:
+        async def failing(req: BackendRequest) -> Response:
+            return Response(status=503, body=str(req.body_size).encode())
+
+        async with Backend(failing) as be:
+            policy = {"attempts": 3, "retry_non_idempotent": True}
+            cfg = {"services": [service("reviews", {"v1": [be.address]}, retries=policy)]}
+            async with Agent(cfg) as agent, _client(agent) as c:
+                r = await c.put("/", headers={"host": "reviews"}, content=body)
+                assert r.status_code == 503 and r.text == "300000"
+                r = await c.put("/", headers={"host": "reviews"}, content=b"small")
+                assert r.status_code == 503
+            # the large body went once (too big to keep for a retry), the small one 4 times
+            assert [q.body_size for q in be.requests] == [300_000] + [5] * 4
+            assert be.requests[0].headers["content-length"] == "300000"
+
+
+def test_upstream_refusing_gives_503_and_timeout_gives_504() -> None:
+    async def scenario() -> None:
+        hang = asyncio.Event()
+
+        async def slow(req: BackendRequest) -> Response:
+            await hang.wait()
+            return Response()
+
+        dead = f"127.0.0.1:{free_port()}"
+        async with Backend(slow) as be:
+            cfg = {
+                "services": [
+                    service("dead", {"v1": [dead]}, retries={"attempts": 1}),
+                    service("slow", {"v1": [be.address]}, timeout_ms=300),
+                ]
+            }
+            async with Agent(cfg) as agent, _client(agent) as c:
+                r = await c.get("/", headers={"host": "dead"})
+                assert r.status_code == 503
+                assert r.headers["x-mesh-error"] == "connect-failure"
+                assert r.text == "connect-failure\n"
+                r = await c.get("/", headers={"host": "slow"})
+                assert r.status_code == 504
+                assert r.headers["x-mesh-error"] == "upstream-timeout"
+            hang.set()
+
+    run(scenario())
+
+
+def test_retries_on_5xx_then_success_but_not_for_post() -> None:
+    async def scenario() -> None:
+        calls = {"n": 0}
+
+        async def flaky(req: BackendRequest) -> Response:
+            calls["n"] += 1
+            return Response(status=503 if calls["n"] % 3 else 200, body=b"attempt %d" % calls["n"])
+
+        async with Backend(flaky) as be:
+            cfg = {"services": [service("reviews", {"v1": [be.address]}, retries={"attempts": 2})]}
+            async with Agent(cfg) as agent, _client(agent) as c:
+                r = await c.get("/", headers={"host": "reviews"})
+                assert r.status_code == 200 and r.text == "attempt 3"
+                r = await c.post("/", headers={"host": "reviews"}, content=b"x")
+                assert r.status_code == 503 and r.text == "attempt 4"  # POST: no retry
+                assert len(be.requests) == 4
+
+    run(scenario())
+
+
+def test_retry_goes_to_another_endpoint_and_outlier_gets_ejected() -> None:
+    async def scenario() -> None:
+        async def bad(req: BackendRequest) -> Response:
+            return Response(status=500, body=b"bad")
+
+        async def good(req: BackendRequest) -> Response:
+            return Response(body=b"good")
+
+        async with Backend(bad) as b1, Backend(good) as b2:
+            cfg = {
+                "services": [
+                    service(
+                        "reviews",
+                        {"v1": [b1.address, b2.address]},
+                        load_balancer="round_robin",
+                        retries={"attempts": 0},
+                    )
+                ]
+            }
+            async with Agent(cfg) as agent, _client(agent) as c:
+                statuses = [
+                    (await c.get("/", headers={"host": "reviews"})).status_code for _ in range(40)
+                ]
+            assert statuses.count(500) == 5  # five consecutive failures, then ejected
+            assert statuses[-20:] == [200] * 20
+            assert len(b1.requests) == 5
+
+    run(scenario())
+
+
+def test_rate_limit_answers_429() -> None:
+    async def scenario() -> None:
+        async with Backend() as be:
+            cfg = {
+                "services": [
+                    service(
+                        "reviews",
+                        {"v1": [be.address]},
+                        rate_limit={"requests_per_second": 0.001, "burst": 2},
+                    )
+                ]
+            }
+            async with Agent(cfg) as agent, _client(agent) as c:
+                codes = [(await c.get("/", headers={"host": "reviews"})) for _ in range(3)]
+                assert [r.status_code for r in codes] == [200, 200, 429]
+                assert codes[2].headers["x-mesh-error"] == "rate-limited"
+                assert len(be.requests) == 2
+
+    run(scenario())
+
+
+def test_fault_abort_and_unknown_destinations() -> None:
+    async def scenario() -> None:
+        async with Backend() as be:
+            cfg = {
+                "services": [
+                    service(
+                        "reviews",
+                        {"v1": [be.address]},
+                        routes=[
+                            {
+                                "name": "chaos",
+                                "match": {"path": {"prefix": "/chaos"}},
+                                "backends": [{"version": "v1"}],
+                                "fault": {"abort": {"percent": 100, "status": 418}},
+                            },
+                            {
+                                "name": "api",
+                                "match": {"path": {"prefix": "/api"}},
+                                "backends": [{"version": "v1"}],
+                            },
+                        ],
+                    )
+                ]
+            }
+            async with Agent(cfg) as agent, _client(agent) as c:
+                r = await c.get("/chaos", headers={"host": "reviews"})
+                assert (r.status_code, r.headers["x-mesh-error"]) == (418, "fault-abort")
+                r = await c.get("/other", headers={"host": "reviews"})
+                assert (r.status_code, r.headers["x-mesh-error"]) == (404, "no-route")
+                r = await c.get("/api", headers={"host": "nosuch"})
+                assert (r.status_code, r.headers["x-mesh-error"]) == (404, "unknown-service")
+                r = await c.get("/api", headers={"host": "reviews"})
+                assert r.status_code == 200
+            assert [q.path for q in be.requests] == ["/api"]
+
+    run(scenario())
+
+
+def test_mirror_copies_requests_without_touching_the_caller() -> None:
+    async def scenario() -> None:
+        stuck = asyncio.Event()
+
+        async def shadow(req: BackendRequest) -> Response:
+            await stuck.wait()  # the mirror never answers: the caller must not notice
+            return Response(status=500)
+
+        async with Backend() as main, Backend(shadow) as mirror:
+            cfg = {
+                "services": [
+                    service(
+                        "reviews",
+                        {"v1": [main.address], "v2": [mirror.address]},
+                        routes=[
+                            {
+                                "name": "r",
+                                "backends": [{"version": "v1"}],
+                                "mirror": {"version": "v2", "percent": 100},
+                            }
+                        ],
+                    )
+                ]
+            }
+            async with Agent(cfg) as agent, _client(agent) as c:
+                for i in range(5):
+                    r = await c.post(f"/{i}", headers={"host": "reviews"}, content=b"payload")
+                    assert r.status_code == 200 and r.text == "ok"
+                for _ in range(100):
+                    if len(mirror.requests) == 5:
+                        break
+                    await asyncio.sleep(0.02)
+            stuck.set()
+            assert len(main.requests) == 5
+            assert sorted(q.path for q in mirror.requests) == [f"/{i}" for i in range(5)]
+            assert all(
+                q.headers["host"] == "reviews-shadow" and q.body == b"payload"
+                for q in mirror.requests
+            )
+
+    run(scenario())
+
+
+def test_malformed_and_oversized_requests_get_agent_errors() -> None:
+    async def scenario() -> None:
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            out = await raw_exchange(agent.outbound_port, b"GARBAGE\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 400 ") and b"x-mesh-error: malformed-request" in out
+            big = b"GET / HTTP/1.1\r\nHost: reviews\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+            out = await raw_exchange(agent.outbound_port, big)
+            assert out.startswith(b"HTTP/1.1 431 ") and b"x-mesh-error: headers-too-large" in out
+            out = await raw_exchange(
+                agent.outbound_port, b"CONNECT reviews:443 HTTP/1.1\r\nHost: reviews\r\n\r\n"
+            )
+            assert out.startswith(b"HTTP/1.1 501 ")
+            out = await raw_exchange(
+                agent.outbound_port,
+                b"GET https://reviews/ HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n",
+            )
+            assert out.startswith(b"HTTP/1.1 501 ")
+            # still serving after all that
+            async with _client(agent) as c:
+                assert (await c.get("/", headers={"host": "reviews"})).status_code == 200
+            assert len(be.requests) == 1
+
+    run(scenario())
+
+
+def test_head_and_no_content_responses_keep_the_connection_usable() -> None:
+    async def scenario() -> None:
+        async def handler(req: BackendRequest) -> Response:
+            if req.path == "/empty":
+                return Response(status=204, body=b"")
+            return Response(body=b"twelve bytes")
+
+        async with (
+            Backend(handler) as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+            _client(agent) as c,
+        ):
+            r = await c.head("/", headers={"host": "reviews"})
+            assert r.status_code == 200 and r.headers["content-length"] == "12" and r.content == b""
+            r = await c.get("/empty", headers={"host": "reviews"})
+            assert r.status_code == 204
+            r = await c.get("/", headers={"host": "reviews"})
+            assert r.text == "twelve bytes"
+
+    run(scenario())
+
+
+@pytest.mark.slow
+def test_slow_client_gets_408() -> None:
+    async def scenario() -> None:
+        async with Agent({"services": []}, limits=Limits(header_timeout_s=0.5)) as agent:
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.outbound_port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: rev")  # ... and nothing more
+            out = await reader.read()
+            writer.close()
+            assert out.startswith(b"HTTP/1.1 408 ") and b"request-timeout" in out
+
+    run(scenario())
+
+
+def test_inbound_forwards_to_app_and_reports_the_caller() -> None:
+    async def scenario() -> None:
+        tel = FakeTelemetry()
+        async with Backend() as app:
+            cfg = {"inbound": {"rate_limit": {"requests_per_second": 0.001, "burst": 2}}}
+            async with Agent(cfg, app=app.address, telemetry=tel) as agent:
+                async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                    r1 = await c.get("/x", headers={"x-mesh-source": "frontend"})
+                    r2 = await c.get("/y")
+                    r3 = await c.get("/z")
+                assert (r1.status_code, r2.status_code, r3.status_code) == (200, 200, 429)
+            assert [q.path for q in app.requests] == ["/x", "/y"]
+            assert "x-mesh-source" not in app.requests[0].headers
+            assert [(r["source"], r["destination"], r["status"]) for r in tel.records] == [
+                ("frontend", "web", 200),
+                ("unknown", "web", 200),
+                ("unknown", "web", 429),
+            ]
+
+    run(scenario())
+
+
+def test_inbound_app_down_is_503_and_recorded_as_failure() -> None:
+    async def scenario() -> None:
+        tel = FakeTelemetry()
+        async with Agent({}, app=f"127.0.0.1:{free_port()}", telemetry=tel) as agent:
+            async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                r = await c.get("/")
+            assert r.status_code == 503 and r.headers["x-mesh-error"] == "connect-failure"
+            assert tel.records[0]["status"] == 503
+
+    run(scenario())
+
+
+def test_two_hop_mesh_path() -> None:
+    """app A -> outbound agent A -> inbound agent B -> app B, with the source carried across."""
+
+    async def scenario() -> None:
+        tel_b = FakeTelemetry()
+        async with (
+            Backend() as app_b,
+            Agent({}, app=app_b.address, telemetry=tel_b, service="reviews") as agent_b,
+        ):
+            cfg = {"services": [service("reviews", {"v1": [f"127.0.0.1:{agent_b.inbound_port}"]})]}
+            async with (
+                Agent(cfg, service="productpage") as agent_a,
+                _client(agent_a, proxy=True) as c,
+            ):
+                r = await c.get("http://reviews/hello")
+                assert r.status_code == 200 and r.text == "ok"
+            assert app_b.requests[0].path == "/hello"
+            assert tel_b.records[0]["source"] == "productpage"
+
+    run(scenario())
+
+
+@pytest.mark.slow
+def test_config_swap_under_load_loses_no_request() -> None:
+    async def scenario() -> None:
+        async def v1(req: BackendRequest) -> Response:
+            return Response(body=b"v1")
+
+        async def v2(req: BackendRequest) -> Response:
+            return Response(body=b"v2")
+
+        async with Backend(v1) as b1, Backend(v2) as b2:
+
+            def cfg(w1: int, w2: int) -> dict[str, object]:
+                return {
+                    "services": [
+                        service(
+                            "reviews",
+                            {"v1": [b1.address], "v2": [b2.address]},
+                            routes=[
+                                {
+                                    "name": "split",
+                                    "backends": [
+                                        {"version": "v1", "weight": w1},
+                                        {"version": "v2", "weight": w2},
+                                    ],
+                                }
+                            ],
+                            retries={"attempts": 0},
+                        )
+                    ]
+                }
+
+            async with Agent(cfg(100, 0)) as agent:
+                stop = asyncio.Event()
+                results: list[tuple[int, str]] = []
+
+                async def load() -> None:
+                    async with _client(agent) as c:
+                        while not stop.is_set():
+                            r = await c.get("/", headers={"host": "reviews"})
+                            results.append((r.status_code, r.text))
+
+                workers = [asyncio.create_task(load()) for _ in range(8)]
+                versions = set()
+                for i in range(40):
+                    versions.add(agent.apply(cfg(100 - (i % 2) * 100, (i % 2) * 100)))
+                    agent.apply(cfg(50, 50 + i))
+                    await asyncio.sleep(0.02)
+                stop.set()
+                await asyncio.gather(*workers)
+            assert len(versions) == 2
+            assert len(results) > 100
+            assert {s for s, _ in results} == {200}
+            assert {t for _, t in results} == {"v1", "v2"}
+
+    run(scenario())
+
+
+def test_requests_in_flight_finish_on_the_config_they_started_with() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()
+
+        arrived = asyncio.Event()
+
+        async def slow_v1(req: BackendRequest) -> Response:
+            arrived.set()
+            await gate.wait()
+            return Response(body=b"v1")
+
+        async def v2(req: BackendRequest) -> Response:
+            return Response(body=b"v2")
+
+        async with Backend(slow_v1) as b1, Backend(v2) as b2:
+            old = {"services": [service("reviews", {"v1": [b1.address]}, timeout_ms=600_000)]}
+            new = {"services": [service("reviews", {"v2": [b2.address]})]}
+            async with Agent(old) as agent, _client(agent) as c1, _client(agent) as c2:
+                pending = asyncio.create_task(c1.get("/", headers={"host": "reviews"}))
+                await arrived.wait()
+                agent.apply(new)  # b1 is no longer in the config at all
+                r_new = await c2.get("/", headers={"host": "reviews"})
+                gate.set()
+                r_old = await pending
+            assert (r_old.status_code, r_old.text) == (200, "v1")
+            assert (r_new.status_code, r_new.text) == (200, "v2")
+
+    run(scenario())
