@@ -1,0 +1,299 @@
+"""The real ``mesh-agent`` process: CLI, import hygiene, restart from the persisted config,
+reload on SIGHUP, memory while streaming a large body."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .support import free_port
+
+pytestmark = pytest.mark.e2e
+
+AGENT_CMD = [sys.executable, "-m", "mesh_agent"]
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """Answers with its name; counts and hashes request bodies without keeping them."""
+
+    protocol_version = "HTTP/1.1"
+    name = b"app"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        body = self.server.name  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802
+        h = hashlib.sha256()
+        n = 0
+        if self.headers.get("transfer-encoding") == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                remaining = size
+                while remaining:
+                    chunk = self.rfile.read(min(remaining, 1 << 16))
+                    h.update(chunk)
+                    remaining -= len(chunk)
+                    n += len(chunk)
+                self.rfile.readline()
+        else:
+            remaining = int(self.headers.get("content-length", "0"))
+            while remaining:
+                chunk = self.rfile.read(min(remaining, 1 << 16))
+                h.update(chunk)
+                remaining -= len(chunk)
+                n += len(chunk)
+        body = f"{n} {h.hexdigest()}".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def backend() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    server.name = b"backend"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class AgentProcess:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.admin = 0
+        self.outbound = 0
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        self.admin, self.outbound = free_port(), free_port()
+        log = open(self.tmp / f"agent-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [
+                *AGENT_CMD,
+                "--service",
+                "web",
+                "--admin",
+                f"127.0.0.1:{self.admin}",
+                "--outbound",
+                f"127.0.0.1:{self.outbound}",
+                "--state-dir",
+                str(self.tmp / "state"),
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs.append(proc)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"agent exited: {self.log(proc)}")
+            try:
+                httpx.get(f"http://127.0.0.1:{self.admin}/config", timeout=1)
+                return proc
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise AssertionError(f"agent did not come up: {self.log(proc)}")
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        return (self.tmp / f"agent-{self.procs.index(proc)}.log").read_text(errors="replace")
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.admin}{path}", timeout=5)
+
+    def call(self, host: str, path: str = "/") -> httpx.Response:
+        return httpx.get(
+            f"http://127.0.0.1:{self.outbound}{path}", headers={"host": host}, timeout=5
+        )
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    a = AgentProcess(tmp_path)
+    yield a
+    a.stop_all()
+
+
+def _config(backend: str, *, version: str = "v1") -> str:
+    return json.dumps(
+        {"services": [{"name": "reviews", "versions": {version: {"endpoints": [backend]}}}]}
+    )
+
+
+def test_help_documents_every_flag() -> None:
+    out = subprocess.run(
+        [*AGENT_CMD, "--help"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    for flag in (
+        "--service",
+        "--version",
+        "--namespace",
+        "--inbound",
+        "--app",
+        "--outbound",
+        "--admin",
+        "--config",
+        "--state-dir",
+        "--sampling-ratio",
+        "--otlp-endpoint",
+        "--log-level",
+        "MESH_AGENT_SERVICE",
+        "MESH_AGENT_CONFIG",
+    ):
+        assert flag in out, flag
+
+
+def test_bad_flag_values_are_refused_with_a_message() -> None:
+    proc = subprocess.run(
+        [*AGENT_CMD, "--service", "web", "--outbound", "nohost"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "'nohost' is not host:port" in proc.stderr
+
+
+def test_importing_the_agent_pulls_in_no_control_plane_dependencies() -> None:
+    code = (
+        "import sys, mesh_agent, mesh_agent.__main__, mesh_agent.protocol, mesh_agent.proxy, "
+        "mesh_agent.control, mesh_agent.admin, mesh_agent.telemetry\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('fastapi', 'sqlalchemy', 'networkx', 'jinja2', 'app', 'starlette', 'alembic')]\n"
+        "print(','.join(sorted(bad)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert out.stdout.strip() == ""
+
+
+def test_serves_and_restarts_from_the_persisted_config(
+    agent: AgentProcess, backend: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(_config(backend))
+    proc = agent.start("--config", str(cfg))
+    assert agent.get("/ready").status_code == 200
+    version = agent.get("/config").json()["version"]
+    assert agent.call("reviews").text == "backend"
+
+    proc.kill()
+    proc.wait(timeout=10)
+    cfg.unlink()  # the control plane / config file is gone: only the state dir is left
+
+    agent.start()
+    assert agent.get("/ready").status_code == 200
+    doc = agent.get("/config").json()
+    assert doc["version"] == version
+    assert doc["source"].startswith("state:")
+    assert agent.call("reviews").text == "backend"
+
+
+def test_sighup_reload_and_rejected_config(
+    agent: AgentProcess, backend: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(_config(backend))
+    proc = agent.start("--config", str(cfg))
+    v1 = agent.get("/config").json()["version"]
+
+    # an invalid edit: rejected with the exact path; the old config keeps serving
+    cfg.write_text(
+        "services:\n- name: reviews\n  versions: {v1: {endpoints: ['" + backend + "']}}\n"
+        "  routes: [{name: r, backends: [{version: v2}]}]\n"
+    )
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    doc = agent.get("/config").json()
+    while doc["last_error"] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        doc = agent.get("/config").json()
+    assert doc["version"] == v1
+    assert doc["last_error"]["issues"][0]["path"] == "services[0].routes[0].backends[0].version"
+    assert agent.call("reviews").status_code == 200
+    assert 'mesh_agent_config_updates_total{result="rejected"} 1' in agent.get("/metrics").text
+
+    # a valid edit is picked up by the file watcher alone (no signal)
+    cfg.write_text(_config(backend).replace('"reviews"', '"ratings"'))
+    while agent.get("/config").json()["version"] == v1 and time.monotonic() < deadline + 10:
+        time.sleep(0.05)
+    doc = agent.get("/config").json()
+    assert doc["last_error"] is None
+    assert doc["config"]["services"][0]["name"] == "ratings"
+    assert agent.call("ratings").status_code == 200
+    assert agent.call("reviews").status_code == 404
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_large_upload_is_streamed_without_buffering(
+    agent: AgentProcess, backend: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(_config(backend))
+    proc = agent.start("--config", str(cfg))
+    assert agent.call("reviews").status_code == 200
+    before = _peak_rss_kib(proc.pid)
+    size = 50 * 1024 * 1024
+    block = os.urandom(1 << 20)
+    h = hashlib.sha256()
+    for _ in range(size // len(block)):
+        h.update(block)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // len(block)):
+            yield block
+
+    with socket.create_connection(("127.0.0.1", agent.outbound)):
+        pass  # the listener is up; httpx below does the real work
+    r = httpx.post(
+        f"http://127.0.0.1:{agent.outbound}/upload",
+        headers={"host": "reviews"},
+        content=body(),
+        timeout=60,
+    )
+    assert r.status_code == 200
+    assert r.text == f"{size} {h.hexdigest()}"
+    grown_mib = (_peak_rss_kib(proc.pid) - before) / 1024
+    assert grown_mib < 25, f"peak RSS grew by {grown_mib:.1f} MiB for a 50 MiB body"
