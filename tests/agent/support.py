@@ -33,6 +33,13 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
     return uvloop.run(bounded())
 
 
+async def wait_until(predicate: Callable[[], bool], limit_s: float = 10.0) -> None:
+    """Poll ``predicate``: for state that offers no notification hook to wait on."""
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

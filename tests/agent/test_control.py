@@ -3,7 +3,6 @@ start from the persisted config."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from mesh_agent.balancer import EndpointRegistry
 from mesh_agent.config import STATE_FILE
 from mesh_agent.control import ConfigStore, FileSource, initial_config
 
-from .support import run
+from .support import run, wait_until
 
 GOOD = """
 services:
@@ -83,8 +82,7 @@ def test_file_source_reloads_on_change_and_keeps_old_on_error(tmp_path: Path) ->
         source.start()
         try:
             cfg.write_text(BAD)
-            while store.rejected == 0:
-                await asyncio.sleep(0.02)
+            await wait_until(lambda: store.rejected > 0)
             assert store.loaded.version == v1
             err = store.dump()["last_error"]
             assert err is not None
@@ -93,8 +91,7 @@ def test_file_source_reloads_on_change_and_keeps_old_on_error(tmp_path: Path) ->
             old_compiled = store.holder.current
 
             cfg.write_text(GOOD2)
-            while store.loaded.version == v1:
-                await asyncio.sleep(0.02)
+            await wait_until(lambda: store.loaded is not None and store.loaded.version != v1)
             assert store.holder.current is not old_compiled
             assert store.dump()["last_error"] is None
             svc = store.holder.current.service_for(b"reviews")
@@ -116,8 +113,7 @@ def test_trigger_reloads_even_if_the_file_looks_unchanged(tmp_path: Path) -> Non
         source.start()
         try:
             source.trigger()
-            while not store.ready:
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: store.ready)
             assert store.accepted == 1
         finally:
             await source.stop()

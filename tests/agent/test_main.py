@@ -32,14 +32,14 @@ class _Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     name = b"app"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:
         body = self.server.name  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         h = hashlib.sha256()
         n = 0
         if self.headers.get("transfer-encoding") == "chunked":
