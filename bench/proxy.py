@@ -48,11 +48,11 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httptools
 
-ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 VENV_BIN = Path(sys.executable).parent
 DEST_SERVICE = "backend"  # the destination's mesh name; requests carry it as Host
 ALL_ROWS = ("direct", "agent", "mesh", "nginx", "haproxy")
@@ -60,7 +60,8 @@ HOPS = {"direct": 0, "agent": 1, "mesh": 2, "nginx": 1, "haproxy": 1}
 TARGET_RATIO = 0.5
 TARGET_ADDED_P99_MS = 1.0
 TARGET_RSS_MB = 60.0
-QUIET_PERCENT = 15.0  # outside CPU use (of 100 % per core) below which we start a measurement
+QUIET_PERCENT = 15.0  # outside CPU use (100 % = one core) below which a measurement starts
+DISTURBED_PERCENT = 25.0  # outside CPU use during a measurement above which it is repeated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,7 +656,8 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
         "+p99/hop: (p99 - direct p99) / hops.  RSS (peak) and CPU: the agents during wrk "
         "(outbound/inbound for the two-hop row).\n"
         "others %: CPU used by processes outside this benchmark during its measurements "
-        "(worst run, 100 % = one core); above ~15 % the figures are noisy."
+        f"(worst run kept, 100 % = one core); runs above {DISTURBED_PERCENT:g} % are repeated "
+        f"up to {args.retries} times, the least disturbed kept; high values mean noisy figures."
     )
     if direct:
         lag = statistics.median(f.schedule_lag_p99_ms for f in direct.fixed_runs)
@@ -751,6 +753,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="keep everything up this many seconds after start-up (for profiling by hand)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help=f"repeat a measurement disturbed by over {DISTURBED_PERCENT:g} %% outside CPU (2)",
     )
     p.add_argument(
         "--no-otlp",
@@ -894,15 +902,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Rounds interleave the rows, so a burst of outside load spreads over all of them
         # instead of spoiling one; each figure is the median over rounds.
+        def measure(run: Callable[[], T], pids: list[int]) -> tuple[T, Sampler]:
+            """Run once in a quiet moment; repeat a run that outside load disturbed anyway
+            (up to --retries times) and keep the least disturbed one."""
+            best: tuple[T, Sampler] | None = None
+            for attempt in range(args.retries + 1):
+                wait_quiet(children.groups(), args.quiet_wait, log)
+                with Sampler(pids, children.groups()) as sampler:
+                    result = run()
+                if best is None or sampler.other_cpu_percent < best[1].other_cpu_percent:
+                    best = (result, sampler)
+                if sampler.other_cpu_percent < DISTURBED_PERCENT:
+                    break
+                if attempt < args.retries:
+                    log(f"  disturbed ({sampler.other_cpu_percent:.0f} % outside CPU), again")
+            assert best is not None
+            return best
+
         for round_no in range(1, args.rounds + 1):
             for r in live:
                 children.check_alive()
                 log(f"[round {round_no}] {r.name}: wrk -c{args.connections} {args.duration:g}s")
                 if round_no == 1:
                     wrk(r.port, args.connections, 1.0)  # warm-up: pools, caches, allocator
-                wait_quiet(children.groups(), args.quiet_wait, log)
-                with Sampler(r.agent_pids, children.groups()) as sampler:
-                    rps, errors, _ = wrk(r.port, args.connections, args.duration)
+                (rps, errors, _), sampler = measure(
+                    lambda r=r: wrk(r.port, args.connections, args.duration), r.agent_pids
+                )
                 r.rps_runs.append(rps)
                 r.wrk_errors += errors
                 r.other_cpu_runs.append(sampler.other_cpu_percent)
@@ -920,13 +945,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"[round {round_no}] {r.name}: {args.rate:g} rps for {args.latency_duration:g}s"
                 )
                 fixed_rate(r.port, args.rate, 0.5, args.latency_connections)  # warm-up
-                wait_quiet(children.groups(), args.quiet_wait, log)
-                with Sampler([], children.groups()) as sampler:
-                    r.fixed_runs.append(
-                        fixed_rate(
-                            r.port, args.rate, args.latency_duration, args.latency_connections
-                        )
-                    )
+                fixed, sampler = measure(
+                    lambda r=r: fixed_rate(
+                        r.port, args.rate, args.latency_duration, args.latency_connections
+                    ),
+                    [],
+                )
+                r.fixed_runs.append(fixed)
                 r.other_cpu_runs.append(sampler.other_cpu_percent)
 
         for r in live:
