@@ -627,3 +627,67 @@ def test_requests_in_flight_finish_on_the_config_they_started_with() -> None:
             assert (r_new.status_code, r_new.text) == (200, "v2")
 
     run(scenario())
+
+
+def test_connection_limit_overflow_gives_503() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        arrived = asyncio.Event()
+
+        async def slow(req: BackendRequest) -> Response:
+            arrived.set()
+            await gate.wait()
+            return Response()
+
+        async with Backend(slow) as be:
+            limits = {"max_connections": 1, "max_pending_requests": 0}
+            cfg = {"services": [service("reviews", {"v1": [be.address]}, connection_limits=limits)]}
+            async with Agent(cfg) as agent, _client(agent) as c1, _client(agent) as c2:
+                first = asyncio.create_task(c1.get("/", headers={"host": "reviews"}))
+                await arrived.wait()
+                r = await c2.get("/", headers={"host": "reviews"})
+                assert (r.status_code, r.headers["x-mesh-error"]) == (503, "overflow")
+                gate.set()
+                assert (await first).status_code == 200
+            assert be.connections == 1
+
+    run(scenario())
+
+
+def test_upstream_closing_keep_alive_connections_costs_no_request() -> None:
+    async def scenario() -> None:
+        async def closing(req: BackendRequest) -> Response:
+            return Response(body=b"bye", close=True)
+
+        async with Backend(closing) as be:
+            cfg = {"services": [service("reviews", {"v1": [be.address]}, retries={"attempts": 0})]}
+            async with Agent(cfg) as agent, _client(agent) as c:
+                for _ in range(10):
+                    r = await c.get("/", headers={"host": "reviews"})
+                    assert (r.status_code, r.text) == (200, "bye")
+            assert be.connections == 10
+
+    run(scenario())
+
+
+def test_http10_client_gets_close_delimited_streamed_body() -> None:
+    async def scenario() -> None:
+        async def streamed(req: BackendRequest) -> Response:
+            async def body() -> AsyncIterator[bytes]:
+                yield b"a" * 10
+                yield b"b" * 10
+
+            return Response(body=body())
+
+        async with Backend(streamed) as be:
+            cfg = {"services": [service("reviews", {"v1": [be.address]})]}
+            async with Agent(cfg) as agent:
+                out = await raw_exchange(
+                    agent.outbound_port, b"GET / HTTP/1.0\r\nHost: reviews\r\n\r\n"
+                )
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            assert b"transfer-encoding" not in head.lower()
+            assert body == b"a" * 10 + b"b" * 10
+
+    run(scenario())
