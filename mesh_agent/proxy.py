@@ -435,8 +435,11 @@ class _Downstream(asyncio.Protocol):
             if tokens:
                 req.extra_hop = (req.extra_hop or set()) | tokens
         else:  # _H_DROP
-            if name.lower() == b"content-length":
+            lname = name.lower()
+            if lname == b"content-length":
                 req.content_length = int(value) if value.strip().isdigit() else None
+            elif lname == b"transfer-encoding":
+                req.chunked = True  # llhttp rejects anything but a final "chunked"
 
     def on_headers_complete(self) -> None:
         req = self._req
@@ -453,9 +456,10 @@ class _Downstream(asyncio.Protocol):
             # Headers named in Connection are hop-by-hop too (RFC 9110 section 7.6.1).
             extra = req.extra_hop
             req.headers = [(n, v) for n, v in req.headers if n.lower() not in extra]
-        if req.content_length != 0:
+        if req.chunked or req.content_length:
             req.body = _Body(self)
-            req.chunked = req.content_length is None
+            if req.chunked:
+                req.content_length = None
             self.phase = _BODY
         else:
             self.phase = _WAITING
@@ -577,7 +581,13 @@ class _Downstream(asyncio.Protocol):
     ) -> bool:
         """An error made by the agent itself. Returns whether the connection stays open."""
         body = reason.encode() + b"\n"
-        keep = not close and req is not None and req.keep_alive
+        keep = (
+            not close
+            and req is not None
+            and req.keep_alive
+            # an unread request body would have to be drained first: closing is cheaper
+            and (req.body is None or req.body.complete)
+        )
         self.responded = True
         self.write(
             b"".join(
@@ -614,10 +624,13 @@ class _Downstream(asyncio.Protocol):
 class _Pool:
     """Idle connections to one endpoint plus the connection limit bookkeeping."""
 
-    __slots__ = ("endpoint", "idle", "open", "waiters")
+    __slots__ = ("endpoint", "idle", "open", "retired", "waiters")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        # Set when no config references the endpoint any more: connections still busy with
+        # requests from the old config are closed when done instead of idling unswept.
+        self.retired = False
         self.idle: list[_Upstream] = []
         self.open = 0
         self.waiters: collections.deque[asyncio.Future[_Upstream | None]] = collections.deque()
@@ -637,7 +650,7 @@ class _Pool:
         return False
 
     def release(self, conn: _Upstream, now: float) -> None:
-        if conn.reusable():
+        if conn.reusable() and not self.retired:
             if not self._wake_one(conn):
                 conn.idle_since = now
                 self.idle.append(conn)
@@ -668,6 +681,7 @@ class _Upstream(asyncio.Protocol):
         "loop",
         "parser",
         "pool",
+        "pumping",
         "sink",
         "sink_chunked",
         "status",
@@ -688,6 +702,7 @@ class _Upstream(asyncio.Protocol):
         self.idle_since = 0.0
         self.write_paused = False
         self.write_waiter: asyncio.Future[None] | None = None
+        self.pumping = False
         self._reset_exchange(False)
 
     def _reset_exchange(self, head_request: bool) -> None:
@@ -717,7 +732,14 @@ class _Upstream(asyncio.Protocol):
         return fut
 
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and not self.until_close
+        return (
+            self.complete
+            and self.keep_alive
+            and not self.closed
+            and not self.until_close
+            # still sending a request body the upstream did not wait for
+            and not self.pumping
+        )
 
     # -- asyncio.Protocol
 
@@ -1008,7 +1030,9 @@ class Proxy:
         """Close idle connections to endpoints no config references any more."""
         for ep in self.registry.retain(keep):
             if ep.pool is not None:
-                cast(_Pool, ep.pool).close_idle(float("inf"))
+                pool = cast(_Pool, ep.pool)
+                pool.retired = True
+                pool.close_idle(float("inf"))
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -1135,6 +1159,7 @@ class Proxy:
         transport = up.transport
         assert transport is not None
         chunked = req.content_length is None
+        up.pumping = True
         try:
             while True:
                 chunk = await body.next_chunk()
@@ -1150,6 +1175,7 @@ class Proxy:
                     await up.drain()
             if chunked and not up.closed:
                 transport.write(b"0\r\n\r\n")
+            up.pumping = False
         except (_ClientGone, _Failure):
             up.abort()
         except asyncio.CancelledError:

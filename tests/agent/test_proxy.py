@@ -63,6 +63,7 @@ def test_outbound_by_proxy_form_and_host_header_with_header_hygiene() -> None:
             for hop in ("connection", "x-secret", "keep-alive", "proxy-authorization", "te"):
                 assert hop not in first.headers, hop
             assert first.headers["x-keep"] == "yes"
+            assert "content-length" not in first.headers  # a GET without body stays so
             assert first.headers["x-mesh-source"] == "web"  # the client's value was replaced
             assert first.headers["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
             assert len(first.headers["x-request-id"]) == 36
