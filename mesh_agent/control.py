@@ -69,7 +69,9 @@ class ConfigStore:
         if self.loaded is not None and loaded.version == self.loaded.version:
             self.loaded = loaded
             return False
-        compiled = compile_config(loaded.config, loaded.version, self.registry)
+        compiled = compile_config(
+            loaded.config, loaded.version, self.registry, previous=self.holder.current
+        )
         self.holder.current = compiled
         self.loaded = loaded
         self.loaded_at = time.time()

@@ -1298,13 +1298,6 @@ class Proxy:
         else:
             up.abort()
 
-    def _discard(self, up: _Upstream) -> None:
-        """Drop a response we will not relay (a retried 5xx)."""
-        if up.complete:
-            self._release(up)
-        else:
-            up.abort()
-
     # -- inbound
 
     async def _handle_inbound(self, conn: _Downstream, req: _Request) -> bool:
@@ -1537,7 +1530,7 @@ class Proxy:
                     and rules.status_retryable(status)
                     and await self._backoff(rules, attempt + 1, route_deadline, svc)
                 ):
-                    self._discard(up)
+                    self._release(up)  # a retried 5xx: keep the connection if clean
                     attempt += 1
                     avoid = ep
                     continue

@@ -157,6 +157,7 @@ class CompiledRoute:
 class CompiledService:
     __slots__ = (
         "budget",
+        "budget_policy",
         "connect_timeout_s",
         "max_connections",
         "max_pending",
@@ -166,6 +167,7 @@ class CompiledService:
         "outlier",
         "pools",
         "rate_limit",
+        "rate_policy",
         "routes",
     )
 
@@ -175,6 +177,7 @@ class CompiledService:
         registry: EndpointRegistry,
         clock: Callable[[], float],
         rng: Callable[[], float],
+        previous: CompiledService | None = None,
     ) -> None:
         self.name = svc.name
         self.namespace = svc.namespace
@@ -199,17 +202,25 @@ class CompiledService:
         self.routes = tuple(CompiledRoute(r, svc, pools, rng) for r in routes)
         self.needs_headers = any(r.headers for r in self.routes)
         self.outlier = OutlierDetector(svc.outlier_detection, clock)
-        self.budget = RetryBudget(
-            svc.retry_budget.percent,
-            svc.retry_budget.min_retries_per_second,
-            svc.retry_budget.window_s,
-            clock,
-        )
-        self.rate_limit = (
-            TokenBucket(svc.rate_limit.requests_per_second, svc.rate_limit.burst, clock)
-            if svc.rate_limit
-            else None
-        )
+        # Counters carry over from the previous config when their policy is unchanged, so a
+        # config push does not refill a rate limit or forget the retries already spent.
+        self.budget_policy = svc.retry_budget
+        self.budget: RetryBudget
+        if previous is not None and previous.budget_policy == svc.retry_budget:
+            self.budget = previous.budget
+        else:
+            self.budget = RetryBudget(
+                svc.retry_budget.percent,
+                svc.retry_budget.min_retries_per_second,
+                svc.retry_budget.window_s,
+                clock,
+            )
+        self.rate_policy = svc.rate_limit
+        self.rate_limit: TokenBucket | None
+        if previous is not None and previous.rate_policy == svc.rate_limit:
+            self.rate_limit = previous.rate_limit
+        else:
+            self.rate_limit = _bucket(svc.rate_limit, clock)
         limits = svc.connection_limits
         self.max_connections = limits.max_connections
         self.max_pending = limits.max_pending_requests
@@ -225,16 +236,35 @@ class CompiledService:
         return None
 
 
-class Inbound:
-    __slots__ = ("connect_timeout_s", "max_connections", "max_pending", "rate_limit", "timeout_s")
+def _bucket(policy: protocol.RateLimit | None, clock: Callable[[], float]) -> TokenBucket | None:
+    if policy is None:
+        return None
+    return TokenBucket(policy.requests_per_second, policy.burst, clock)
 
-    def __init__(self, policy: protocol.InboundPolicy, clock: Callable[[], float]) -> None:
+
+class Inbound:
+    __slots__ = (
+        "connect_timeout_s",
+        "max_connections",
+        "max_pending",
+        "rate_limit",
+        "rate_policy",
+        "timeout_s",
+    )
+
+    def __init__(
+        self,
+        policy: protocol.InboundPolicy,
+        clock: Callable[[], float],
+        previous: Inbound | None = None,
+    ) -> None:
         self.timeout_s = policy.timeout_ms / 1000.0
-        self.rate_limit = (
-            TokenBucket(policy.rate_limit.requests_per_second, policy.rate_limit.burst, clock)
-            if policy.rate_limit
-            else None
-        )
+        self.rate_policy = policy.rate_limit
+        self.rate_limit: TokenBucket | None
+        if previous is not None and previous.rate_policy == policy.rate_limit:
+            self.rate_limit = previous.rate_limit
+        else:
+            self.rate_limit = _bucket(policy.rate_limit, clock)
         limits = policy.connection_limits
         self.max_connections = limits.max_connections
         self.max_pending = limits.max_pending_requests
@@ -254,10 +284,15 @@ class CompiledConfig:
         registry: EndpointRegistry,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
+        previous: CompiledConfig | None = None,
     ) -> None:
         self.config = config
         self.version = version
-        self.services = tuple(CompiledService(s, registry, clock, rng) for s in config.services)
+        before = {(s.namespace, s.name): s for s in previous.services} if previous else {}
+        self.services: tuple[CompiledService, ...] = tuple(
+            CompiledService(s, registry, clock, rng, before.get((s.namespace, s.name)))
+            for s in config.services
+        )
         by_host: dict[bytes, CompiledService] = {}
         for s in self.services:
             # Callers may use the short name or any of the Kubernetes-style long forms.
@@ -271,7 +306,9 @@ class CompiledConfig:
             # The short name resolves to the service of that name in the first namespace listed.
             by_host.setdefault(s.name.encode(), s)
         self.by_host = by_host
-        self.inbound = Inbound(config.inbound, clock)
+        self.inbound: Inbound = Inbound(
+            config.inbound, clock, previous.inbound if previous else None
+        )
         self.endpoints = frozenset(
             e for s in self.services for p in s.pools.values() for e in p.endpoints
         )
@@ -293,5 +330,7 @@ def compile_config(
     registry: EndpointRegistry,
     clock: Callable[[], float] = time.monotonic,
     rng: Callable[[], float] = random.random,
+    previous: CompiledConfig | None = None,
 ) -> CompiledConfig:
-    return CompiledConfig(config, version, registry, clock, rng)
+    """Compile ``config``; stateful limiters are taken over from ``previous`` where unchanged."""
+    return CompiledConfig(config, version, registry, clock, rng, previous)

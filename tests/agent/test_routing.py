@@ -198,3 +198,23 @@ def test_endpoints_are_shared_between_config_versions() -> None:
     b = compile_config(two.config, two.version, reg)
     assert a.version != b.version
     assert a.endpoints == b.endpoints  # same Endpoint objects: health and pools carry over
+
+
+def test_limiter_state_survives_a_swap_when_its_policy_is_unchanged() -> None:
+    reg = EndpointRegistry()
+    limit = {"requests_per_second": 0.001, "burst": 1}
+    one = validate_config({"services": [_svc([], rate_limit=limit)]})
+    two = validate_config({"services": [_svc([], rate_limit=limit, timeout_ms=5)]})
+    three = validate_config({"services": [_svc([], rate_limit={**limit, "burst": 2})]})
+    a = compile_config(one.config, one.version, reg)
+    svc_a = a.service_for(b"reviews")
+    assert svc_a is not None and svc_a.rate_limit is not None
+    assert svc_a.rate_limit.try_acquire()
+    b = compile_config(two.config, two.version, reg, previous=a)
+    svc_b = b.service_for(b"reviews")
+    assert svc_b is not None and svc_b.rate_limit is not None
+    assert not svc_b.rate_limit.try_acquire()  # the push did not refill the bucket
+    c = compile_config(three.config, three.version, reg, previous=b)
+    svc_c = c.service_for(b"reviews")
+    assert svc_c is not None and svc_c.rate_limit is not None
+    assert svc_c.rate_limit.try_acquire()  # a new policy starts a new bucket
