@@ -692,3 +692,52 @@ def test_http10_client_gets_close_delimited_streamed_body() -> None:
             assert body == b"a" * 10 + b"b" * 10
 
     run(scenario())
+
+
+@pytest.mark.slow
+def test_garbage_input_never_takes_the_agent_down(caplog: pytest.LogCaptureFixture) -> None:
+    import random
+
+    rng = random.Random(1234)
+    seeds = [
+        b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"GET http://reviews/x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+    ]
+
+    def mutate(data: bytes) -> bytes:
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            op = rng.random()
+            i = rng.randrange(len(b) + 1)
+            if op < 0.4 and b:
+                b[min(i, len(b) - 1)] = rng.randrange(256)
+            elif op < 0.7:
+                b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 5)))
+            else:
+                del b[i : i + rng.randint(1, 5)]
+        return bytes(b)
+
+    async def scenario() -> None:
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            for _ in range(300):
+                payload = mutate(rng.choice(seeds))
+                reader, writer = await asyncio.open_connection("127.0.0.1", agent.outbound_port)
+                writer.write(payload)
+                try:
+                    async with asyncio.timeout(0.3):
+                        await reader.read()
+                except TimeoutError:
+                    pass  # the agent waits for the rest of a request that looks incomplete
+                writer.close()
+            async with _client(agent) as c:
+                r = await c.get("/", headers={"host": "reviews"})
+                assert r.status_code == 200
+
+    run(scenario(), timeout=120)
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("mesh")]
+    assert errors == []
