@@ -1298,6 +1298,18 @@ class Proxy:
         else:
             up.abort()
 
+    def _record(
+        self, req: _Request, source: str, destination: str, version: str, status: int
+    ) -> None:
+        """Metrics for a request the agent answered itself."""
+        self.telemetry.record(
+            source=source,
+            destination=destination,
+            destination_version=version,
+            status=status,
+            duration_s=self.loop.time() - req.started,
+        )
+
     # -- inbound
 
     async def _handle_inbound(self, conn: _Downstream, req: _Request) -> bool:
@@ -1307,23 +1319,11 @@ class Proxy:
         tel = self.telemetry
         if self._app is None:
             keep = conn.send_error(req, 503, "no-app")
-            tel.record(
-                source=source,
-                destination=self.service,
-                destination_version=self.version,
-                status=503,
-                duration_s=self.loop.time() - req.started,
-            )
+            self._record(req, source, self.service, self.version, 503)
             return keep
         if inbound.rate_limit is not None and not inbound.rate_limit.try_acquire():
             keep = conn.send_error(req, 429, "rate-limited")
-            tel.record(
-                source=source,
-                destination=self.service,
-                destination_version=self.version,
-                status=429,
-                duration_s=self.loop.time() - req.started,
-            )
+            self._record(req, source, self.service, self.version, 429)
             return keep
         _, path = _split_target(req.url, req.host)
         if not path:
@@ -1388,35 +1388,17 @@ class Proxy:
             return conn.send_error(req, 501 if reason == "unsupported" else 400, reason)
         svc = cfg.service_for(authority)
         if svc is None:
-            tel.record(
-                source=self.service,
-                destination="unknown",
-                destination_version="unknown",
-                status=404,
-                duration_s=loop.time() - req.started,
-            )
+            self._record(req, self.service, "unknown", "unknown", 404)
             return conn.send_error(req, 404, "unknown-service")
         if svc.rate_limit is not None and not svc.rate_limit.try_acquire():
-            tel.record(
-                source=self.service,
-                destination=svc.name,
-                destination_version="unknown",
-                status=429,
-                duration_s=loop.time() - req.started,
-            )
+            self._record(req, self.service, svc.name, "unknown", 429)
             return conn.send_error(req, 429, "rate-limited")
         q = path.find(b"?")
         route = svc.match(
             req.method, path if q < 0 else path[:q], req.lookup() if svc.needs_headers else None
         )
         if route is None:
-            tel.record(
-                source=self.service,
-                destination=svc.name,
-                destination_version="unknown",
-                status=404,
-                duration_s=loop.time() - req.started,
-            )
+            self._record(req, self.service, svc.name, "unknown", 404)
             return conn.send_error(req, 404, "no-route")
         pool = route.pick_pool()
         if route.fault is not None:
@@ -1425,13 +1407,7 @@ class Proxy:
                 await asyncio.sleep(delay)
             abort = route.fault.abort()
             if abort is not None:
-                tel.record(
-                    source=self.service,
-                    destination=svc.name,
-                    destination_version=pool.version,
-                    status=abort,
-                    duration_s=loop.time() - req.started,
-                )
+                self._record(req, self.service, svc.name, pool.version, abort)
                 return conn.send_error(req, abort, "fault-abort")
         body = await self._read_body(req)
         span = tel.start_span(
@@ -1481,7 +1457,8 @@ class Proxy:
     ) -> tuple[int | None, bool]:
         loop = self.loop
         rules = route.retry
-        route_deadline = req.started + route.timeout_s
+        # The route timeout covers the upstream side (all tries), not the client's upload.
+        route_deadline = loop.time() + route.timeout_s
         svc.budget.record_request()
         retryable = body is not None and rules.attempts > 0 and rules.method_allowed(req.method)
         attempt = 0
