@@ -104,6 +104,45 @@ def serve(
     )
 
 
+@cli.command()
+def demo(
+    host: Annotated[str | None, typer.Option(help="Address to listen on [MESH_HOST].")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port to listen on [MESH_PORT].")
+    ] = None,
+) -> None:
+    """Serve the console with a sample catalog (its own database, data/demo.db, unless
+    MESH_DATABASE_URL is set)."""
+    import uvicorn
+
+    from app.db import Database, session_scope
+    from app.demo import seed_demo_catalog
+    from app.main import create_app
+
+    settings = _load_settings(host=host, port=port)
+    if not settings.database_url:
+        settings = settings.model_copy(
+            update={"database_url": f"sqlite:///{settings.data_dir / 'demo.db'}"}
+        )
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_database(settings)
+    database = Database(settings.effective_database_url)
+    for session in session_scope(database, write=True):
+        created = seed_demo_catalog(session)
+    typer.echo(
+        f"demo catalog: {created} services created" if created else "demo catalog: already there",
+        err=True,
+    )
+    typer.echo(f"mesh console on http://{settings.host}:{settings.port}", err=True)
+    uvicorn.run(
+        create_app(settings, database),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        server_header=False,
+    )
+
+
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
     """Apply all pending migrations."""

@@ -19,6 +19,9 @@ def list_events(
     session: SessionDep,
     resource_kind: Annotated[str | None, Query(max_length=63)] = None,
     resource_name: Annotated[str | None, Query(max_length=255)] = None,
+    include_children: Annotated[
+        bool, Query(description="Also match resources inside resource_name (its versions…)")
+    ] = False,
     actor: Annotated[str | None, Query(max_length=255)] = None,
     action: Annotated[str | None, Query(max_length=63)] = None,
     since: Annotated[datetime | None, Query(description="Inclusive, ISO 8601")] = None,
@@ -30,6 +33,7 @@ def list_events(
         session,
         resource_kind=resource_kind,
         resource_name=resource_name,
+        include_children=include_children,
         actor=actor,
         action=action,
         since=_aware(since),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import ColumnElement, func, select, text
 from sqlalchemy.orm import Session
 
 from app.audit.models import AuditEvent
@@ -107,6 +107,7 @@ def list_events(
     *,
     resource_kind: str | None = None,
     resource_name: str | None = None,
+    include_children: bool = False,
     actor: str | None = None,
     action: str | None = None,
     since: datetime | None = None,
@@ -114,11 +115,13 @@ def list_events(
     page: int = 1,
     page_size: int = 50,
 ) -> Page[AuditEvent]:
+    """Newest first. With ``include_children`` a resource name also matches the resources
+    inside it (``default/reviews`` matches ``default/reviews/v2``)."""
     query = select(AuditEvent)
     if resource_kind:
         query = query.where(AuditEvent.resource_kind == resource_kind)
     if resource_name:
-        query = query.where(AuditEvent.resource_name == resource_name)
+        query = query.where(_resource_or_children(resource_name, include_children))
     if actor:
         query = query.where(AuditEvent.actor == actor)
     if action:
@@ -132,16 +135,20 @@ def list_events(
     )
 
 
+def _resource_or_children(name: str, include_children: bool) -> ColumnElement[bool]:
+    exact = AuditEvent.resource_name == name
+    if not include_children:
+        return exact
+    return exact | AuditEvent.resource_name.startswith(name.rstrip("/") + "/", autoescape=True)
+
+
 def recent_for_resource(
     session: Session, kind: str, name: str, *, limit: int = 10
 ) -> list[AuditEvent]:
-    """Newest first; includes events of child resources (``default/reviews`` and
-    ``default/reviews/v2``)."""
+    """Newest first; for a service this includes its versions' and instances' events."""
     query = (
         select(AuditEvent)
-        .where(
-            (AuditEvent.resource_name == name) | (AuditEvent.resource_name.startswith(name + "/"))
-        )
+        .where(_resource_or_children(name, include_children=True))
         .order_by(AuditEvent.seq.desc())
         .limit(limit)
     )
@@ -152,6 +159,14 @@ def recent_for_resource(
 
 def list_actors(session: Session) -> list[str]:
     return list(session.scalars(select(AuditEvent.actor).distinct().order_by(AuditEvent.actor)))
+
+
+def list_resource_kinds(session: Session) -> list[str]:
+    return list(
+        session.scalars(
+            select(AuditEvent.resource_kind).distinct().order_by(AuditEvent.resource_kind)
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -171,53 +186,64 @@ def verify_chain(session: Session, *, batch_size: int = 2000) -> ChainVerificati
     expected_prev = GENESIS_HASH
     expected_seq = 1
     checked = 0
-    last_seq = 0
+    columns = (
+        AuditEvent.seq,
+        AuditEvent.occurred_at,
+        AuditEvent.actor,
+        AuditEvent.action,
+        AuditEvent.resource_kind,
+        AuditEvent.resource_name,
+        AuditEvent.before,
+        AuditEvent.after,
+        AuditEvent.reason,
+        AuditEvent.prev_hash,
+        AuditEvent.hash,
+    )
     while True:
-        rows = session.scalars(
-            select(AuditEvent)
-            .where(AuditEvent.seq > last_seq)
+        # Plain rows rather than ORM objects: building objects was half the cost of a check.
+        rows = session.execute(
+            select(*columns)
+            .where(AuditEvent.seq >= expected_seq)
             .order_by(AuditEvent.seq)
             .limit(batch_size)
         ).all()
         if not rows:
             break
-        for event in rows:
-            if event.seq != expected_seq:
+        for row in rows:
+            if row.seq != expected_seq:
                 return ChainVerification(
                     False,
                     checked,
-                    event.seq,
-                    f"event {expected_seq} is missing (next stored event is {event.seq})",
+                    row.seq,
+                    f"event {expected_seq} is missing (next stored event is {row.seq})",
                 )
-            if event.prev_hash != expected_prev:
+            if row.prev_hash != expected_prev:
                 return ChainVerification(
                     False,
                     checked,
-                    event.seq,
-                    f"event {event.seq} does not point at event {event.seq - 1}: "
+                    row.seq,
+                    f"event {row.seq} does not point at event {row.seq - 1}: "
                     "an earlier event was changed or removed",
                 )
             recomputed = event_hash(
-                seq=event.seq,
-                occurred_at=event.occurred_at,
-                actor=event.actor,
-                action=event.action,
-                resource_kind=event.resource_kind,
-                resource_name=event.resource_name,
-                before=event.before,
-                after=event.after,
-                reason=event.reason,
-                prev_hash=event.prev_hash,
+                seq=row.seq,
+                occurred_at=row.occurred_at,
+                actor=row.actor,
+                action=row.action,
+                resource_kind=row.resource_kind,
+                resource_name=row.resource_name,
+                before=row.before,
+                after=row.after,
+                reason=row.reason,
+                prev_hash=row.prev_hash,
             )
-            if recomputed != event.hash:
+            if recomputed != row.hash:
                 return ChainVerification(
-                    False, checked, event.seq, f"event {event.seq} was altered after it was written"
+                    False, checked, row.seq, f"event {row.seq} was altered after it was written"
                 )
-            expected_prev = event.hash
+            expected_prev = row.hash
             expected_seq += 1
             checked += 1
-            last_seq = event.seq
-        session.expunge_all()
     return ChainVerification(True, checked, None, f"all {checked} events verified")
 
 

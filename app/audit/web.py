@@ -16,7 +16,6 @@ router = APIRouter()
 
 PAGE_SIZE = 50
 # Offered in the filter; a kind typed into the URL by hand still filters.
-RESOURCE_KINDS = ("service", "version", "instance")
 
 
 def parse_utc(value: str) -> datetime | None:
@@ -54,6 +53,8 @@ def events_page(
         session,
         resource_kind=resource_kind or None,
         resource_name=resource_name.strip() or None,
+        # People filter by a service and expect its versions and instances too.
+        include_children=True,
         actor=actor or None,
         since=bounds["since"],
         until=bounds["until"],
@@ -73,7 +74,7 @@ def events_page(
         "filters": filters,
         "filtered": any(filters.values()),
         "errors": errors,
-        "kinds": sorted({*RESOURCE_KINDS, resource_kind} - {""}),
+        "kinds": sorted({*audit.list_resource_kinds(session), resource_kind} - {""}),
     }
     if not is_htmx(request):
         context["actors"] = audit.list_actors(session)

@@ -104,3 +104,25 @@ def test_filters(session: Session) -> None:
     assert audit.list_events(session, action="service.update").total == 1
     newest = audit.list_events(session).items[0]
     assert newest.resource_name == "default/other"
+
+
+def test_resource_filter_can_include_children(session: Session) -> None:
+    from app.catalog.schemas import VersionCreate
+
+    catalog.create_service(session, ACTOR, data=ServiceCreate(name="reviews", owner_team="a"))
+    catalog.create_service(session, ACTOR, data=ServiceCreate(name="reviews2", owner_team="a"))
+    catalog.create_version(
+        session, ACTOR, namespace="default", name="reviews", data=VersionCreate(name="v1")
+    )
+    session.commit()
+    exact = audit.list_events(session, resource_name="default/reviews")
+    assert [e.action for e in exact.items] == ["service.create"]
+    with_children = audit.list_events(
+        session, resource_name="default/reviews", include_children=True
+    )
+    # "default/reviews2" is a sibling, not a child.
+    assert [e.resource_name for e in with_children.items] == [
+        "default/reviews/v1",
+        "default/reviews",
+    ]
+    assert audit.list_resource_kinds(session) == ["service", "version"]
