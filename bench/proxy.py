@@ -47,6 +47,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -502,15 +503,24 @@ def fixed_rate(port: int, rate: float, duration: float, connections: int) -> Fix
     socks: list[socket.socket] = []
     states: list[_Response] = []
     parsers: list[Any] = []
-    for i in range(connections):
+
+    def connect(c: int) -> None:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.setblocking(False)
-        socks.append(s)
         state = _Response()
-        states.append(state)
-        parsers.append(httptools.HttpResponseParser(state))
-        sel.register(s, selectors.EVENT_READ, i)
+        if c < len(socks):
+            sel.unregister(socks[c])
+            socks[c].close()
+            socks[c], states[c], parsers[c] = s, state, httptools.HttpResponseParser(state)
+        else:
+            socks.append(s)
+            states.append(state)
+            parsers.append(httptools.HttpResponseParser(state))
+        sel.register(s, selectors.EVENT_READ, c)
+
+    for c in range(connections):
+        connect(c)
     free: deque[int] = deque(range(connections))
     due_of: dict[int, float] = {}
     latencies: list[float] = []
@@ -545,12 +555,17 @@ def fixed_rate(port: int, rate: float, duration: float, connections: int) -> Fix
                     continue
                 except OSError:
                     data = b""
-                if not data:
-                    raise RuntimeError("the proxy closed a keep-alive connection")
                 try:
+                    if not data:
+                        raise ConnectionResetError("closed by the proxy")
                     parsers[c].feed_data(data)
-                except httptools.HttpParserError as exc:
-                    raise RuntimeError(f"bad response: {exc}") from exc
+                except (ConnectionResetError, httptools.HttpParserError):
+                    # The request in flight is lost (counted as an error: sent, never
+                    # completed); carry on with a fresh connection.
+                    due_of.pop(c, None)
+                    connect(c)
+                    free.append(c)
+                    continue
                 if states[c].done:
                     done = clock()
                     states[c].done = False
@@ -926,7 +941,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if round_no == 1:
                     wrk(r.port, args.connections, 1.0)  # warm-up: pools, caches, allocator
                 (rps, errors, _), sampler = measure(
-                    lambda r=r: wrk(r.port, args.connections, args.duration), r.agent_pids
+                    partial(wrk, r.port, args.connections, args.duration), r.agent_pids
                 )
                 r.rps_runs.append(rps)
                 r.wrk_errors += errors
@@ -946,8 +961,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 fixed_rate(r.port, args.rate, 0.5, args.latency_connections)  # warm-up
                 fixed, sampler = measure(
-                    lambda r=r: fixed_rate(
-                        r.port, args.rate, args.latency_duration, args.latency_connections
+                    partial(
+                        fixed_rate,
+                        r.port,
+                        args.rate,
+                        args.latency_duration,
+                        args.latency_connections,
                     ),
                     [],
                 )
