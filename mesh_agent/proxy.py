@@ -20,7 +20,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import random
 from collections.abc import Callable
 from http import HTTPStatus
@@ -142,6 +141,9 @@ _REQUEST_SPECIAL: dict[bytes, int] = {
 for _name in _HOP_BY_HOP - {b"connection"}:
     _REQUEST_SPECIAL[_name] = _H_DROP
 _RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+_getrandbits = random.getrandbits
 
 _STATUS_LINE: dict[int, bytes] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus
@@ -667,6 +669,7 @@ class _Upstream(asyncio.Protocol):
         "_informational",
         "_parser_dirty",
         "body_parts",
+        "chunked",
         "closed",
         "complete",
         "content_length",
@@ -711,6 +714,7 @@ class _Upstream(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.body_parts: list[bytes] = []
         self.content_length: int | None = None
+        self.chunked = False
         self.until_close = False
         self.complete = False
         self.truncated = False
@@ -797,6 +801,12 @@ class _Upstream(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        n = name.lower()
+        if n == b"content-length":
+            v = value.strip()
+            self.content_length = int(v) if v.isdigit() else None
+        elif n == b"transfer-encoding":
+            self.chunked = True
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -805,17 +815,12 @@ class _Upstream(asyncio.Protocol):
             # Interim responses (100 Continue, 103 Early Hints) are not relayed.
             self._informational = True
             self.headers = []
+            self.content_length = None
+            self.chunked = False
             return
         self.status = status
         self.keep_alive = parser.should_keep_alive()
-        chunked = False
-        for name, value in self.headers:
-            n = name.lower()
-            if n == b"content-length":
-                v = value.strip()
-                self.content_length = int(v) if v.isdigit() else None
-            elif n == b"transfer-encoding":
-                chunked = True
+        chunked = self.chunked
         no_body = self.head_request or status in (204, 304)
         self.until_close = not no_body and not chunked and self.content_length is None
         w = self.head_waiter
@@ -922,8 +927,9 @@ def _split_target(url: bytes, host: bytes | None) -> tuple[bytes | None, bytes]:
 
 
 def _request_id() -> bytes:
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+    """A random (version 4 layout) UUID; not for secrets, so the fast PRNG will do."""
+    h = b"%032x" % _getrandbits(128)
+    return b"%b-%b-4%b-%b-%b" % (h[:8], h[8:12], h[13:16], h[16:20], h[20:])
 
 
 class _Listener:
@@ -1234,7 +1240,7 @@ class Proxy:
         for name, value in up.headers:
             n = name.lower()
             if n in _RESPONSE_DROP:
-                if n == b"connection":
+                if n == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                     tokens = _connection_tokens(value) - {b"close", b"keep-alive"}
                     if tokens:
                         extra = tokens
