@@ -34,6 +34,24 @@ def _address(value: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _listen_address(value: str) -> tuple[str, int]:
+    from mesh_agent.protocol import parse_address
+
+    try:
+        return parse_address(value, allow_port_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _otlp_endpoint(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an http(s) URL")
+    return value
+
+
 def _ratio(value: str) -> float:
     try:
         ratio = float(value)
@@ -96,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst = p.add_argument_group("listeners (host:port; port 0 picks a free port)")
     lst.add_argument(
         "--inbound",
-        type=_address,
+        type=_listen_address,
         default=_env("INBOUND", "0.0.0.0:15006"),
         metavar="HOST:PORT",
         help="inbound listener, in front of the app; only started with --app (MESH_AGENT_INBOUND)",
@@ -110,14 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lst.add_argument(
         "--outbound",
-        type=_address,
+        type=_listen_address,
         default=_env("OUTBOUND", "127.0.0.1:15001"),
         metavar="HOST:PORT",
         help="outbound listener the app calls other services through (MESH_AGENT_OUTBOUND)",
     )
     lst.add_argument(
         "--admin",
-        type=_address,
+        type=_listen_address,
         default=_env("ADMIN", "127.0.0.1:15000"),
         metavar="HOST:PORT",
         help="admin listener: /ready, /metrics, /config (MESH_AGENT_ADMIN)",
@@ -146,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tel.add_argument(
         "--otlp-endpoint",
+        type=_otlp_endpoint,
         default=_env("OTLP_ENDPOINT"),
         metavar="URL",
         help="OTLP/HTTP endpoint spans are exported to, e.g. http://console:8000; none: no "

@@ -58,14 +58,19 @@ _ADDRESS = re.compile(
 )
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """Split ``host:port`` (or ``[v6]:port``) into its parts, or raise ValueError."""
+def parse_address(address: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6]:port``) into its parts, or raise ValueError.
+
+    Port 0 only makes sense for a listener (the kernel picks a free port), never for an
+    endpoint to connect to, hence the flag.
+    """
     m = _ADDRESS.match(address)
     if m is None:
         raise ValueError(f"{address!r} is not host:port")
     port = int(m.group("port"))
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range 1-65535")
+    lowest = 0 if allow_port_zero else 1
+    if not lowest <= port < 65536:
+        raise ValueError(f"port {port} out of range {lowest}-65535")
     return (m.group("v6") or m.group("host")), port
 
 

@@ -297,3 +297,56 @@ def test_large_upload_is_streamed_without_buffering(
     assert r.text == f"{size} {h.hexdigest()}"
     grown_mib = (_peak_rss_kib(proc.pid) - before) / 1024
     assert grown_mib < 25, f"peak RSS grew by {grown_mib:.1f} MiB for a 50 MiB body"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--otlp-endpoint", "ftp://collector"], "--otlp-endpoint: 'ftp://collector' is not"),
+        (["--sampling-ratio", "1.5"], "--sampling-ratio: must be between 0 and 1"),
+        (["--app", "127.0.0.1:0"], "--app: port 0 out of range 1-65535"),
+        (["--admin", "nowhere"], "--admin: 'nowhere' is not host:port"),
+    ],
+)
+def test_bad_flags_are_usage_errors_not_tracebacks(flags: list[str], message: str) -> None:
+    result = subprocess.run(
+        [*AGENT_CMD, "--service", "reviews", *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_listeners_on_port_zero_get_a_free_port(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            *AGENT_CMD,
+            "--service",
+            "reviews",
+            "--outbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(tmp_path),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        line = ""
+        deadline = time.monotonic() + 20
+        while "listening" not in line and time.monotonic() < deadline:
+            line = process.stderr.readline()
+        admin = line.split("admin=", 1)[1].split()[0].rstrip(";")
+        assert not admin.endswith(":0")
+        ready = httpx.get(f"http://{admin}/ready", timeout=5)
+        assert ready.status_code == 503  # up, but no config yet
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
