@@ -6,9 +6,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.audit import api as audit_api
 from app.audit import web as audit_web
@@ -18,6 +24,7 @@ from app.config import REPO_ROOT, Settings, get_settings
 from app.db import Database
 from app.errors import DomainError
 from app.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
+from app.web import render
 
 STATIC_DIR = REPO_ROOT / "static"
 
@@ -59,6 +66,34 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             body["field"] = exc.field
         return JSONResponse(body, status_code=exc.status_code)
 
+    # People who follow a bad link or edit a URL by hand get a page, API clients get JSON.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if _wants_html(request):
+            title = "Page not found" if exc.status_code == 404 else "Something is not right"
+            message = (
+                "There is nothing at this address." if exc.status_code == 404 else str(exc.detail)
+            )
+            return render(
+                request,
+                "error.html",
+                {"title": title, "message": message},
+                status_code=exc.status_code,
+            )
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        if _wants_html(request):
+            fields = ", ".join(str(error["loc"][-1]) for error in exc.errors())
+            return render(
+                request,
+                "error.html",
+                {"title": "This address has a bad parameter", "message": f"Check: {fields}."},
+                status_code=422,
+            )
+        return await request_validation_exception_handler(request, exc)
+
     @app.exception_handler(OperationalError)
     async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
         # A locked or unreachable database is a temporary condition, not a bug in the request.
@@ -71,3 +106,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _wants_html(request: Request) -> bool:
+    path = request.url.path
+    if path.startswith(("/api/", "/v1/", "/static/")):
+        return False
+    return "text/html" in request.headers.get("accept", "")

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi import Response
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.catalog.schemas import ServiceCreate
@@ -84,3 +85,21 @@ def test_hx_trigger_merges_events() -> None:
     assert response.headers["HX-Trigger"] == (
         '{"refresh": true, "toast": {"message": "Saved", "level": "success"}}'
     )
+
+
+def test_unknown_pages_and_bad_parameters_get_html_for_browsers_json_for_api(
+    client: TestClient,
+) -> None:
+    html = {"accept": "text/html,application/xhtml+xml"}
+    page = client.get("/no-such-page", headers=html)
+    assert page.status_code == 404
+    assert "<html" in page.text
+    assert "Page not found" in page.text
+    bad = client.get("/services?page=abc", headers=html)
+    assert bad.status_code == 422
+    assert "page" in bad.text
+    assert "<html" in bad.text
+    api = client.get("/api/v1/services?page=abc", headers=html)
+    assert api.status_code == 422
+    assert api.json()["detail"][0]["loc"] == ["query", "page"]
+    assert client.get("/no-such-page").json() == {"detail": "Not Found"}
