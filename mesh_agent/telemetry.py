@@ -16,10 +16,13 @@ thread sees a consistent-enough copy (each series is copied before it is rendere
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
+import time
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -152,6 +155,42 @@ class Span:
             self._tracing.end(otel, status)
 
 
+class RepeatedLogFilter(logging.Filter):
+    """Lets one record of each kind through per interval and counts the rest.
+
+    With the collector down, the OTLP exporter logs a warning for every batch (once a second);
+    an operator needs to know the export fails, not to read it 3,600 times an hour.
+    """
+
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self._interval = interval_s
+        self._clock = clock
+        self._last: dict[tuple[str, object], float] = {}
+        self._suppressed: dict[tuple[str, object], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            record.msg = f"{record.msg} ({suppressed} more like this suppressed)"
+        return True
+
+
+def _quiet_exporter_logs() -> None:
+    repeated = RepeatedLogFilter()
+    # Filters on a logger do not see records of its children, so attach to each one.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("opentelemetry.exporter", "opentelemetry.sdk")):
+            logging.getLogger(name).addFilter(repeated)
+
+
 class _Tracing:
     """The OpenTelemetry SDK side: imported only when there is an endpoint to export to."""
 
@@ -184,6 +223,7 @@ class _Tracing:
                 schedule_delay_millis=batch_delay_ms,
             )
         )
+        _quiet_exporter_logs()
         # Not the global provider: the agent is a library to its tests, and several agents with
         # different resources may live in one process.
         self._tracer = self._provider.get_tracer("mesh_agent")

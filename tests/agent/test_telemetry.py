@@ -436,3 +436,25 @@ def test_prometheus_label_values_are_escaped() -> None:
     assert 'source="we\\"ird\\\\name\\nwith newline"' in text
     (sample,) = scrape(t)["mesh_requests"]
     assert sample.labels["source"] == nasty  # round-trips through a real parser
+
+
+def test_repeated_exporter_warnings_are_rate_limited() -> None:
+    import logging
+
+    from mesh_agent.telemetry import RepeatedLogFilter
+
+    now = [0.0]
+    log_filter = RepeatedLogFilter(interval_s=60, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("otel", logging.WARNING, __file__, 1, msg, None, None)
+
+    assert log_filter.filter(record("collector down"))
+    for _ in range(30):
+        now[0] += 1
+        assert not log_filter.filter(record("collector down"))
+    assert log_filter.filter(record("another problem"))
+    now[0] += 60
+    again = record("collector down")
+    assert log_filter.filter(again)
+    assert "30 more like this suppressed" in again.getMessage()
