@@ -21,7 +21,7 @@ import collections
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from typing import Any, Protocol, cast
 
@@ -29,7 +29,13 @@ import httptools
 
 from mesh_agent.balancer import Endpoint, EndpointRegistry
 from mesh_agent.resilience import RetryRules, percent_chance
-from mesh_agent.routing import CompiledConfig, CompiledRoute, CompiledService, VersionPool
+from mesh_agent.routing import (
+    CompiledConfig,
+    CompiledRoute,
+    CompiledService,
+    Inbound,
+    VersionPool,
+)
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -299,6 +305,8 @@ class _Downstream(asyncio.Protocol):
     __slots__ = (
         "_body_paused",
         "_busy",
+        "_fast",
+        "_fast_next",
         "_header_bytes",
         "_parse_error",
         "_pipeline_paused",
@@ -333,6 +341,10 @@ class _Downstream(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._busy = False
+        # A request answered by the callback fast path is in flight (``_busy`` is set too);
+        # the serving coroutine must not take queued requests until it is done.
+        self._fast = False
+        self._fast_next: _Request | None = None
         self._body_paused = False
         self._pipeline_paused = False
         self.closed = False
@@ -465,11 +477,23 @@ class _Downstream(asyncio.Protocol):
             self.phase = _BODY
         else:
             self.phase = _WAITING
+            if not self._busy and not self.queue and self.listener.fast is not None:
+                # No body and nothing ahead of it: a candidate for the fast path, decided in
+                # on_message_complete (which follows at once) when the parser is done with it.
+                self.phase_since = req.started
+                self._fast_next = req
+                return
         self.phase_since = self.loop.time()
+        self._dispatch(req)
+
+    def _dispatch(self, req: _Request) -> None:
+        """Queue a request for the serving coroutine."""
         self.queue.append(req)
         if self._busy or len(self.queue) > 1:
             # Pipelined request behind one in progress: stop reading until we catch up.
             self.pause_reading(body=False)
+        if self._fast:
+            return  # fast_done hands the queue to the coroutine
         if self._task is None:
             self._task = self.loop.create_task(self._serve())
         else:
@@ -489,6 +513,68 @@ class _Downstream(asyncio.Protocol):
             if self.phase == _BODY:
                 self.phase = _WAITING
             self._req = None
+            if self._fast_next is req:
+                self._fast_next = None
+                self._start_fast(req)
+
+    def _start_fast(self, req: _Request) -> None:
+        fast = self.listener.fast
+        assert fast is not None
+        self._busy = self._fast = True
+        self.responded = False
+        try:
+            taken = fast(self, req)
+        except Exception:
+            log.exception("internal error while proxying %r", req.url[:200])
+            if not self.responded:
+                self.send_error(req, 500, "internal", close=True)
+            self.fast_done(False)
+            return
+        if not taken:
+            self._busy = self._fast = False
+            self._dispatch(req)
+
+    def fast_done(self, keep: bool) -> None:
+        """The fast path has answered its request: what ``_serve`` does after each request."""
+        if keep and self.write_paused and not self.closed:
+            # Let the client take the response before reading its next request.
+            _spawn(self.loop, self._drain_then_done())
+            return
+        self._fast = False
+        self._busy = False
+        if not keep or self.closed:
+            self.close()
+            return
+        if self.queue:
+            if self._task is None:
+                self._task = self.loop.create_task(self._serve())
+            else:
+                self._wake_loop()
+            return
+        if self._req is None:
+            self.phase = _IDLE
+        self.phase_since = self.loop.time()
+        self.resume_reading(body=False)
+
+    async def _drain_then_done(self) -> None:
+        await self.drain()
+        self.fast_done(not self.closed)
+
+    def run_fast_fallback(self, req: _Request, handler: Awaitable[bool]) -> None:
+        """Finish a fast-path request in a coroutine (a retry on a fresh connection)."""
+        _spawn(self.loop, self._fallback(req, handler))
+
+    async def _fallback(self, req: _Request, handler: Awaitable[bool]) -> None:
+        try:
+            keep = await handler
+        except _ClientGone:
+            keep = False
+        except Exception:
+            log.exception("internal error while proxying %r", req.url[:200])
+            keep = False
+            if not self.responded:
+                self.send_error(req, 500, "internal", close=True)
+        self.fast_done(keep)
 
     # -- flow control
 
@@ -675,6 +761,7 @@ class _Upstream(asyncio.Protocol):
         "content_length",
         "discard",
         "done_waiter",
+        "fast",
         "got_bytes",
         "head_request",
         "head_waiter",
@@ -682,6 +769,7 @@ class _Upstream(asyncio.Protocol):
         "idle_since",
         "keep_alive",
         "loop",
+        "out",
         "parser",
         "pool",
         "pumping",
@@ -706,6 +794,9 @@ class _Upstream(asyncio.Protocol):
         self.write_paused = False
         self.write_waiter: asyncio.Future[None] | None = None
         self.pumping = False
+        # Bytes for the caller collected while the parser runs, written once it returns.
+        self.out: list[bytes] = []
+        self.fast: _FastExchange | None = None
         self._reset_exchange(False)
 
     def _reset_exchange(self, head_request: bool) -> None:
@@ -735,6 +826,14 @@ class _Upstream(asyncio.Protocol):
         fut = self.head_waiter = self.loop.create_future()
         return fut
 
+    def begin_fast(self, head_request: bool, fast: _FastExchange) -> None:
+        """An exchange driven by callbacks: ``fast`` hears of the head, the end and failures."""
+        if self._parser_dirty:
+            self.parser = httptools.HttpResponseParser(self)
+            self._parser_dirty = False
+        self._reset_exchange(head_request)
+        self.fast = fast
+
     def reusable(self) -> bool:
         return (
             self.complete
@@ -760,9 +859,24 @@ class _Upstream(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
+            self._flush()
             self.truncated = True
             self._fail("reset")
             self.abort()
+            return
+        if self.out:
+            self._flush()
+        fast = self.fast
+        if fast is not None and self.complete:
+            self.fast = None
+            fast.done()
+
+    def _flush(self) -> None:
+        out = self.out
+        sink = self.sink
+        if sink is not None and out:
+            sink.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -773,6 +887,10 @@ class _Upstream(asyncio.Protocol):
             if self.until_close and self.status:
                 # A response delimited by the end of the connection is now complete.
                 self._finish()
+                fast = self.fast
+                if fast is not None:
+                    self.fast = None
+                    fast.done()
             else:
                 self.truncated = True
                 self._fail("reset")
@@ -823,11 +941,15 @@ class _Upstream(asyncio.Protocol):
         chunked = self.chunked
         no_body = self.head_request or status in (204, 304)
         self.until_close = not no_body and not chunked and self.content_length is None
-        w = self.head_waiter
-        if w is not None:
-            self.head_waiter = None
-            if not w.done():
-                w.set_result(None)
+        fast = self.fast
+        if fast is not None:
+            fast.head()
+        else:
+            w = self.head_waiter
+            if w is not None:
+                self.head_waiter = None
+                if not w.done():
+                    w.set_result(None)
         if self.head_request:
             # httptools cannot be told that a HEAD response has no body; the message is
             # complete now and the parser is replaced before the next exchange.
@@ -837,12 +959,11 @@ class _Upstream(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.discard or self.complete:
             return
-        sink = self.sink
-        if sink is not None:
+        if self.sink is not None:
             if self.sink_chunked:
-                sink.write(b"%x\r\n%b\r\n" % (len(body), body))
+                self.out.append(b"%x\r\n%b\r\n" % (len(body), body))
             else:
-                sink.write(body)
+                self.out.append(body)
         else:
             self.body_parts.append(body)
 
@@ -864,6 +985,10 @@ class _Upstream(asyncio.Protocol):
                 w.set_result(None)
 
     def _fail(self, kind: str) -> None:
+        fast = self.fast
+        if fast is not None:
+            self.fast = None
+            fast.fail(kind)
         for attr in ("head_waiter", "done_waiter"):
             w = getattr(self, attr)
             if w is not None:
@@ -940,9 +1065,12 @@ class _Listener:
         loop: asyncio.AbstractEventLoop,
         handle: Callable[[_Downstream, _Request], Any],
         limits: Limits,
+        fast: Callable[[_Downstream, _Request], bool] | None = None,
     ) -> None:
         self.loop = loop
         self.handle = handle
+        # Tries to answer a bodiless request from callbacks alone; False: use ``handle``.
+        self.fast = fast
         self.limits = limits
         self.conns: set[_Downstream] = set()
         self.server: asyncio.AbstractServer | None = None
@@ -1012,10 +1140,13 @@ class Proxy:
         self.limits = limits or Limits()
         self._rng = rng
         self._source_header = b"x-mesh-source: " + service.encode() + b"\r\n"
+        self._inbound_span = f"{service} inbound"
         self._app = Endpoint(*app) if app else None
         self._mirrors_in_flight = 0
         self._background: set[asyncio.Task[None]] = set()
-        self.inbound = _Listener(self.loop, self._handle_inbound, self.limits)
+        self.inbound = _Listener(
+            self.loop, self._handle_inbound, self.limits, fast=self._fast_inbound
+        )
         self.outbound = _Listener(self.loop, self._handle_outbound, self.limits)
         self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(1.0, self._sweep)
 
@@ -1070,11 +1201,13 @@ class Proxy:
         max_pending: int,
         connect_timeout: float,
         deadline: float,
+        *,
+        fresh: bool = False,
     ) -> tuple[_Upstream, bool]:
-        """A connection to ``ep`` and whether it was reused from the pool."""
+        """A connection to ``ep`` and whether it was reused from the pool (``fresh``: never)."""
         pool = self._pool(ep)
         idle = pool.idle
-        while idle:
+        while idle and not fresh:
             c = idle.pop()
             if not c.closed:
                 return c, True
@@ -1118,16 +1251,21 @@ class Proxy:
         max_conns: int,
         max_pending: int,
         connect_timeout: float,
+        *,
+        fresh: bool = False,
     ) -> _Upstream:
         """Send one request to ``ep`` and return once its response head has arrived.
 
         ``body`` None means stream ``req.body`` (never retried). A reused keep-alive connection
         that the upstream closed just as we sent on it is retried once on a fresh connection:
-        the upstream never saw that request.
+        the upstream never saw that request. ``fresh``: that retry, after the fast path found
+        its pooled connection closed.
         """
         loop = self.loop
         for _ in range(2):
-            up, reused = await self._connect(ep, max_conns, max_pending, connect_timeout, deadline)
+            up, reused = await self._connect(
+                ep, max_conns, max_pending, connect_timeout, deadline, fresh=fresh
+            )
             waiter = up.begin(req.method == b"HEAD")
             transport = up.transport
             assert transport is not None
@@ -1234,38 +1372,7 @@ class Proxy:
     async def _relay(self, conn: _Downstream, req: _Request, up: _Upstream) -> bool:
         """Send the chosen response to the caller. Returns whether the caller connection may be
         kept open."""
-        status = up.status
-        parts = [_status_line(status)]
-        extra: set[bytes] | None = None
-        for name, value in up.headers:
-            n = name.lower()
-            if n in _RESPONSE_DROP:
-                if n == b"connection" and value.lower() not in _PLAIN_CONNECTION:
-                    tokens = _connection_tokens(value) - {b"close", b"keep-alive"}
-                    if tokens:
-                        extra = tokens
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        if extra:
-            parts = [parts[0]] + [p for p in _header_triples(up.headers, extra | _RESPONSE_DROP)]
-        no_body = req.method == b"HEAD" or status in (204, 304)
-        keep = req.keep_alive and not conn.closed
-        chunked = False
-        if no_body:
-            if up.content_length is not None and status != 204:
-                parts.append(b"content-length: %d\r\n" % up.content_length)
-        elif up.content_length is not None:
-            parts.append(b"content-length: %d\r\n" % up.content_length)
-        elif up.complete:
-            parts.append(b"content-length: %d\r\n" % sum(len(p) for p in up.body_parts))
-        elif req.http11:
-            chunked = True
-            parts.append(b"transfer-encoding: chunked\r\n")
-        else:
-            keep = False  # HTTP/1.0 caller, unknown length: the end of the body is the close
-        if not keep:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
+        parts, keep, chunked, no_body = _response_head(conn, req, up)
         if up.body_parts and not no_body:
             buffered = b"".join(up.body_parts)
             up.body_parts = []
@@ -1318,6 +1425,47 @@ class Proxy:
 
     # -- inbound
 
+    def _fast_inbound(self, conn: _Downstream, req: _Request) -> bool:
+        """Forward a bodiless request to the app over a pooled connection without a coroutine:
+        ``_FastExchange`` relays the answer from the upstream's parser callbacks. False leaves
+        the request to ``_handle_inbound`` (no app, a rate limit, no idle connection, a request
+        target that is not a plain path)."""
+        ep = self._app
+        if ep is None or req.url[:1] != b"/":
+            return False
+        pool = ep.pool
+        inbound = self.holder.current.inbound
+        if pool is None or inbound.rate_limit is not None:
+            return False
+        idle = cast(_Pool, pool).idle
+        while idle:
+            up = idle.pop()
+            if not up.closed:
+                break
+        else:
+            return False
+        source = req.source.decode("latin-1") if req.source else "unknown"
+        tel = self.telemetry
+        span = tel.start_span(
+            name=self._inbound_span,
+            kind="server",
+            traceparent=req.traceparent,
+            attributes={"http.request.method": req.method.decode("latin-1"), "mesh.source": source},
+        )
+        tp = span.traceparent() if span is not None else tel.outgoing_traceparent(req.traceparent)
+        request_id = req.request_id or _request_id()
+        head = self._finish_head(
+            self._build_head(req, req.url, req.host, b"", tp, request_id, outbound=False), conn, req
+        )
+        ep.active_requests += 1
+        fx = _FastExchange(self, conn, req, up, ep, inbound, head, span, source)
+        up.begin_fast(req.method == b"HEAD", fx)
+        transport = up.transport
+        assert transport is not None
+        transport.write(head)
+        fx.timer = self.loop.call_at(req.started + inbound.timeout_s, fx.expire)
+        return True
+
     async def _handle_inbound(self, conn: _Downstream, req: _Request) -> bool:
         cfg = self.holder.current
         inbound = cfg.inbound
@@ -1335,7 +1483,7 @@ class Proxy:
         if not path:
             return conn.send_error(req, 400, "malformed-request")
         span = tel.start_span(
-            name=f"{self.service} inbound",
+            name=self._inbound_span,
             kind="server",
             traceparent=req.traceparent,
             attributes={"http.request.method": req.method.decode("latin-1"), "mesh.source": source},
@@ -1346,9 +1494,28 @@ class Proxy:
         head = self._finish_head(
             self._build_head(req, path, req.host, body, tp, request_id, outbound=False), conn, req
         )
-        deadline = req.started + inbound.timeout_s
         ep = self._app
         ep.active_requests += 1
+        return await self._inbound_exchange(conn, req, inbound, head, body, span, source)
+
+    async def _inbound_exchange(
+        self,
+        conn: _Downstream,
+        req: _Request,
+        inbound: Inbound,
+        head: bytes,
+        body: bytes | None,
+        span: SpanLike | None,
+        source: str,
+        *,
+        fresh: bool = False,
+    ) -> bool:
+        """Forward to the app and relay its answer; ``ep.active_requests`` is already counted
+        and is given back here, as are the span and the metrics."""
+        ep = self._app
+        assert ep is not None
+        tel = self.telemetry
+        deadline = req.started + inbound.timeout_s
         status: int | None = None
         try:
             try:
@@ -1361,6 +1528,7 @@ class Proxy:
                     inbound.max_connections,
                     inbound.max_pending,
                     inbound.connect_timeout_s,
+                    fresh=fresh,
                 )
             except _Failure as f:
                 status = 504 if f.kind == "timeout" else 503
@@ -1600,6 +1768,210 @@ class Proxy:
             self._mirrors_in_flight -= 1
 
 
+class _FastExchange:
+    """One inbound request relayed from callbacks: the upstream's parser callbacks write the
+    response head and body to the caller, the end releases the connection and counts the
+    request. Behaves like ``Proxy._inbound_exchange`` in every outcome."""
+
+    __slots__ = (
+        "chunked",
+        "conn",
+        "ep",
+        "head_bytes",
+        "headed",
+        "inbound",
+        "keep",
+        "proxy",
+        "req",
+        "source",
+        "span",
+        "timer",
+        "up",
+    )
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        conn: _Downstream,
+        req: _Request,
+        up: _Upstream,
+        ep: Endpoint,
+        inbound: Inbound,
+        head_bytes: bytes,
+        span: SpanLike | None,
+        source: str,
+    ) -> None:
+        self.proxy = proxy
+        self.conn = conn
+        self.req = req
+        self.up = up
+        self.ep = ep
+        self.inbound = inbound
+        self.head_bytes = head_bytes
+        self.span = span
+        self.source = source
+        self.timer: asyncio.TimerHandle | None = None
+        self.headed = False
+        self.keep = False
+        self.chunked = False
+
+    def head(self) -> None:
+        """The response head arrived (called from the upstream parser)."""
+        try:
+            timer = self.timer
+            if timer is not None:
+                self.timer = None
+                timer.cancel()
+            up = self.up
+            conn = self.conn
+            parts, self.keep, self.chunked, no_body = _response_head(conn, self.req, up)
+            self.headed = True
+            conn.responded = True
+            up.out += parts
+            up.sink = conn
+            up.sink_chunked = self.chunked
+            if no_body:
+                up.discard = True
+            else:
+                conn.relaying = up
+                if conn.write_paused and up.transport is not None:
+                    up.transport.pause_reading()
+        except Exception:
+            self._internal_error()
+
+    def done(self) -> None:
+        """The whole response went to the caller (called once the parser returned)."""
+        try:
+            up = self.up
+            conn = self.conn
+            conn.relaying = None
+            if self.chunked:
+                conn.write(b"0\r\n\r\n")
+            if up.transport is not None and not up.closed:
+                up.transport.resume_reading()
+            self.proxy._release(up)
+        except Exception:
+            self._internal_error()
+            return
+        self._finish(up.status, self.keep)
+
+    def fail(self, kind: str) -> None:
+        """No complete response: like a failed ``_exchange`` or a relay broken off."""
+        try:
+            timer = self.timer
+            if timer is not None:
+                self.timer = None
+                timer.cancel()
+            up = self.up
+            conn = self.conn
+            up.abort()
+            if self.headed:
+                # Broken off mid-body: break off too, so the caller sees a truncated response.
+                conn.relaying = None
+                conn.close()
+                self._finish(up.status, False)
+                return
+            if kind == "reset" and not up.got_bytes:
+                # The pooled connection was closed as we reused it: the upstream never saw the
+                # request, so send it once more on a fresh connection, as _exchange does.
+                proxy = self.proxy
+                conn.run_fast_fallback(
+                    self.req,
+                    proxy._inbound_exchange(
+                        conn,
+                        self.req,
+                        self.inbound,
+                        self.head_bytes,
+                        b"",
+                        self.span,
+                        self.source,
+                        fresh=True,
+                    ),
+                )
+                return
+            status = 504 if kind == "timeout" else 503
+            keep = conn.send_error(self.req, status, _FAILURE_REASON[kind])
+        except Exception:
+            self._internal_error()
+            return
+        self._finish(status, keep)
+
+    def expire(self) -> None:
+        """The inbound timeout ran out before the response head."""
+        self.timer = None
+        up = self.up
+        if up.fast is self:
+            up.fast = None
+            self.fail("timeout")
+
+    def _internal_error(self) -> None:
+        log.exception("internal error while proxying %r", self.req.url[:200])
+        up = self.up
+        up.fast = None
+        up.abort()
+        conn = self.conn
+        conn.relaying = None
+        status = None
+        if not conn.responded:
+            status = 500
+            conn.send_error(self.req, 500, "internal", close=True)
+        conn.close()
+        self._finish(status, False)
+
+    def _finish(self, status: int | None, keep: bool) -> None:
+        self.ep.active_requests -= 1
+        proxy = self.proxy
+        if self.span is not None:
+            self.span.end(status)
+        proxy.telemetry.record(
+            source=self.source,
+            destination=proxy.service,
+            destination_version=proxy.version,
+            status=status,
+            duration_s=proxy.loop.time() - self.req.started,
+        )
+        self.conn.fast_done(keep)
+
+
+def _response_head(
+    conn: _Downstream, req: _Request, up: _Upstream
+) -> tuple[list[bytes], bool, bool, bool]:
+    """The response head for the caller: (parts, keep-alive, chunked, no body)."""
+    status = up.status
+    parts = [_status_line(status)]
+    extra: set[bytes] | None = None
+    for name, value in up.headers:
+        n = name.lower()
+        if n in _RESPONSE_DROP:
+            if n == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                tokens = _connection_tokens(value) - {b"close", b"keep-alive"}
+                if tokens:
+                    extra = tokens
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if extra:
+        parts = [parts[0]] + [p for p in _header_triples(up.headers, extra | _RESPONSE_DROP)]
+    no_body = req.method == b"HEAD" or status in (204, 304)
+    keep = req.keep_alive and not conn.closed
+    chunked = False
+    if no_body:
+        if up.content_length is not None and status != 204:
+            parts.append(b"content-length: %d\r\n" % up.content_length)
+    elif up.content_length is not None:
+        parts.append(b"content-length: %d\r\n" % up.content_length)
+    elif up.complete:
+        parts.append(b"content-length: %d\r\n" % sum(len(p) for p in up.body_parts))
+    elif req.http11:
+        chunked = True
+        parts.append(b"transfer-encoding: chunked\r\n")
+    else:
+        keep = False  # HTTP/1.0 caller, unknown length: the end of the body is the close
+    if not keep:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return parts, keep, chunked, no_body
+
+
 def _header_triples(
     headers: list[tuple[bytes, bytes]], drop: set[bytes] | frozenset[bytes]
 ) -> list[bytes]:
@@ -1608,6 +1980,16 @@ def _header_triples(
         if name.lower() not in drop:
             out += (name, b": ", value, b"\r\n")
     return out
+
+
+_TASKS: set[asyncio.Task[None]] = set()
+
+
+def _spawn(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
+    """A fire-and-forget task that is not garbage-collected while it runs."""
+    task = loop.create_task(coro)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
 
 
 def _expire_future(fut: asyncio.Future[Any]) -> None:

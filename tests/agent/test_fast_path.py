@@ -1,0 +1,356 @@
+"""The inbound fast path (a bodiless request on a pooled app connection, relayed from callbacks
+without a coroutine) on real sockets. Each test warms the pool first and checks that the request
+under test really took the fast path, so that a regression in it cannot hide behind the general
+path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+import mesh_agent.proxy as proxy_module
+
+from .support import (
+    Agent,
+    Backend,
+    BackendRequest,
+    FakeTelemetry,
+    Response,
+    run,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many requests took the fast path (each makes one ``_FastExchange``)."""
+    calls = [0]
+    original = proxy_module._FastExchange
+
+    class Counting(original):  # type: ignore[valid-type,misc]
+        __slots__ = ()
+
+        def __init__(self, *args: Any) -> None:
+            calls[0] += 1
+            super().__init__(*args)
+
+    monkeypatch.setattr(proxy_module, "_FastExchange", Counting)
+    return calls
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One content-length delimited response: (head, body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head, await reader.readexactly(length)
+
+
+RawScript = Callable[[int, int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
+
+
+class RawApp:
+    """An app whose every answer is scripted byte for byte: ``script(conn_no, req_no, reader,
+    writer)`` answers one request (whose head has been read) and returns False to stop."""
+
+    def __init__(self, script: RawScript) -> None:
+        self.script = script
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.closed_by_peer = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> RawApp:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn_no = self.connections
+        self.connections += 1
+        req_no = 0
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    self.closed_by_peer.set()
+                    return
+                self.heads.append(head)
+                if not await self.script(conn_no, req_no, reader, writer):
+                    return
+                req_no += 1
+        except ConnectionError:
+            self.closed_by_peer.set()
+        finally:
+            writer.close()
+
+
+def test_keep_alive_requests_take_the_fast_path_with_headers_metrics_and_trace(
+    fast: list[int],
+) -> None:
+    async def scenario() -> None:
+        tel = FakeTelemetry(sample=True)
+
+        async def echo(req: BackendRequest) -> Response:
+            return Response(body=req.path.encode(), headers=[("x-app", "1")])
+
+        async with Backend(echo) as app, Agent({}, app=app.address, telemetry=tel) as agent:
+            incoming = "00-11111111111111111111111111111111-2222222222222222-01"
+            async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                for i in range(20):
+                    r = await c.get(
+                        f"/r{i}?q=1",
+                        headers={
+                            "x-mesh-source": "frontend",
+                            "traceparent": incoming,
+                            "x-request-id": f"id-{i}",
+                            "connection": "x-hop",
+                            "x-hop": "dropped",
+                        },
+                    )
+                    assert (r.status_code, r.text) == (200, f"/r{i}?q=1")
+                    assert r.headers["x-app"] == "1"
+                r = await c.head("/h")
+                assert r.status_code == 200 and r.headers["content-length"] == "2"
+                r = await c.get("/after-head")
+                assert r.text == "/after-head"
+            assert fast[0] == 21  # all but the first, made before a connection was pooled
+            assert app.connections == 1
+            assert len(app.requests) == 22
+            for i, req in enumerate(app.requests[:20]):
+                assert req.headers["x-request-id"] == f"id-{i}"
+                assert req.headers["traceparent"] == tel.spans[i].traceparent().decode()
+                assert req.headers["x-forwarded-for"] == "127.0.0.1"
+                assert "x-mesh-source" not in req.headers
+                assert "x-hop" not in req.headers and "connection" not in req.headers
+                assert "content-length" not in req.headers
+            assert all(s.incoming == incoming.encode() and s.status == 200 for s in tel.spans[:20])
+            assert len(tel.records) == 22
+            assert [r["source"] for r in tel.records[:20]] == ["frontend"] * 20
+            assert all(r["status"] == 200 and r["destination"] == "web" for r in tel.records)
+
+    run(scenario())
+
+
+def test_fast_path_streams_a_chunked_response(fast: list[int]) -> None:
+    async def scenario() -> None:
+        async def streamed(req: BackendRequest) -> Response:
+            async def body() -> AsyncIterator[bytes]:
+                for i in range(5):
+                    await asyncio.sleep(0.005)
+                    yield b"%d" % i * 1000
+
+            return Response(body=body())
+
+        async with Backend(streamed) as app, Agent({}, app=app.address) as agent:
+            async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                for _ in range(3):
+                    r = await c.get("/")
+                    assert r.status_code == 200
+                    assert r.headers["transfer-encoding"] == "chunked"
+                    assert r.content == b"".join(b"%d" % i * 1000 for i in range(5))
+            assert fast[0] == 2 and app.connections == 1
+
+    run(scenario())
+
+
+def test_pipelined_requests_behind_a_fast_one_are_answered_in_order(fast: list[int]) -> None:
+    async def scenario() -> None:
+        async def slow_first(req: BackendRequest) -> Response:
+            if req.path == "/p0":
+                await asyncio.sleep(0.05)  # the rest arrive while /p0 is still in flight
+            return Response(body=req.path.encode())
+
+        async with Backend(slow_first) as app, Agent({}, app=app.address) as agent:
+            async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                assert (await c.get("/warm")).status_code == 200
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.inbound_port)
+            writer.write(b"".join(b"GET /p%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(4)))
+            bodies = [(await _read_response(reader))[1] for _ in range(4)]
+            assert bodies == [b"/p0", b"/p1", b"/p2", b"/p3"]
+            # and the connection goes on serving, on the fast path again
+            writer.write(b"GET /p4 HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert (await _read_response(reader))[1] == b"/p4"
+            writer.close()
+            assert fast[0] == 2  # /p0 and /p4; /p1 .. /p3 were queued behind /p0
+
+    run(scenario())
+
+
+def test_upstream_closing_mid_response_truncates_and_counts(fast: list[int]) -> None:
+    async def scenario() -> None:
+        tel = FakeTelemetry()
+
+        async def script(conn_no: int, req_no: int, r: Any, w: asyncio.StreamWriter) -> bool:
+            if conn_no == 0 and req_no == 1:
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
+                await w.drain()
+                return False  # closes with 90 bytes missing
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            return True
+
+        async with RawApp(script) as app, Agent({}, app=app.address, telemetry=tel) as agent:
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.inbound_port)
+            writer.write(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert (await _read_response(reader))[1] == b"ok"
+            writer.write(b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n")
+            got = await reader.read()  # the agent closes the client connection too
+            writer.close()
+            assert got.startswith(b"HTTP/1.1 200") and b"content-length: 100" in got.lower()
+            assert got.endswith(b"x" * 10)
+            assert fast[0] == 1
+            assert [r["status"] for r in tel.records] == [200, 200]
+            async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                r = await c.get("/next")
+                assert (r.status_code, r.text) == (200, "ok")
+            assert app.connections == 2  # the broken connection was not reused
+
+    run(scenario())
+
+
+def test_client_closing_mid_response_aborts_the_upstream_connection(fast: list[int]) -> None:
+    async def scenario() -> None:
+        tel = FakeTelemetry()
+
+        async def script(conn_no: int, req_no: int, r: Any, w: asyncio.StreamWriter) -> bool:
+            if conn_no == 0 and req_no == 1:
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n" + b"x" * 1000)
+                await w.drain()
+                with contextlib.suppress(ConnectionError):
+                    await r.read()  # returns at EOF: the agent dropped the connection
+                app.closed_by_peer.set()
+                return False
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            return True
+
+        async with RawApp(script) as app, Agent({}, app=app.address, telemetry=tel) as agent:
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.inbound_port)
+            writer.write(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert (await _read_response(reader))[1] == b"ok"
+            writer.write(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(1000)
+            writer.close()
+            async with asyncio.timeout(5):
+                await app.closed_by_peer.wait()  # the agent dropped the upstream connection
+            assert fast[0] == 1
+            async with asyncio.timeout(5):
+                while len(tel.records) < 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert [r["status"] for r in tel.records] == [200, 200]
+            assert agent.proxy is not None
+            async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                r = await c.get("/next")
+                assert (r.status_code, r.text) == (200, "ok")
+            assert app.connections == 2
+
+    run(scenario())
+
+
+def test_pooled_connection_closed_on_reuse_is_retried_on_a_fresh_one(fast: list[int]) -> None:
+    async def scenario() -> None:
+        tel = FakeTelemetry()
+
+        async def script(conn_no: int, req_no: int, r: Any, w: asyncio.StreamWriter) -> bool:
+            if conn_no == 0 and req_no == 1:
+                return False  # closes without a byte of answer
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            return True
+
+        async with RawApp(script) as app, Agent({}, app=app.address, telemetry=tel) as agent:
+            async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                assert (await c.get("/warm")).status_code == 200
+                r = await c.get("/again")
+                assert (r.status_code, r.text) == (200, "ok")
+                r = await c.get("/third")
+                assert (r.status_code, r.text) == (200, "ok")
+            assert fast[0] == 2
+            assert app.connections == 2
+            assert [h.split(b" ")[1] for h in app.heads] == [
+                b"/warm",
+                b"/again",
+                b"/again",
+                b"/third",
+            ]
+            assert [r["status"] for r in tel.records] == [200, 200, 200]
+
+    run(scenario())
+
+
+def test_fast_path_timeout_and_reset_before_the_head(fast: list[int]) -> None:
+    async def scenario() -> None:
+        tel = FakeTelemetry()
+
+        async def script(conn_no: int, req_no: int, r: Any, w: asyncio.StreamWriter) -> bool:
+            if req_no == 1 and conn_no == 0:
+                await asyncio.sleep(0.5)  # past the 200 ms inbound timeout
+                return False
+            if req_no == 1 and conn_no == 1:
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-")  # a partial head, then gone
+                await w.drain()
+                return False
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            return True
+
+        cfg = {"inbound": {"timeout_ms": 200}}
+        async with RawApp(script) as app, Agent(cfg, app=app.address, telemetry=tel) as agent:
+            async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                assert (await c.get("/warm")).status_code == 200
+                r = await c.get("/slow")
+                assert r.status_code == 504 and r.headers["x-mesh-error"] == "upstream-timeout"
+                assert (await c.get("/warm2")).status_code == 200  # nothing pooled: not fast
+                r = await c.get("/partial")
+                assert r.status_code == 503 and r.headers["x-mesh-error"] == "upstream-reset"
+            assert fast[0] == 2
+            assert [r["status"] for r in tel.records] == [200, 504, 200, 503]
+
+    run(scenario())
+
+
+def test_fast_path_timeout_runs_from_each_request_not_from_the_connection_timer(
+    fast: list[int],
+) -> None:
+    """The per-connection timer armed by an earlier request is re-armed, not obeyed."""
+
+    async def scenario() -> None:
+        async def script(conn_no: int, req_no: int, r: Any, w: asyncio.StreamWriter) -> bool:
+            if req_no == 2:
+                await asyncio.sleep(1.0)
+                return False
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            return True
+
+        cfg = {"inbound": {"timeout_ms": 300}}
+        async with RawApp(script) as app, Agent(cfg, app=app.address) as agent:
+            loop = asyncio.get_running_loop()
+            async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                assert (await c.get("/warm")).status_code == 200
+                assert (await c.get("/arms-the-timer")).status_code == 200
+                await asyncio.sleep(0.2)
+                started = loop.time()
+                r = await c.get("/hangs")
+                elapsed = loop.time() - started
+            assert r.status_code == 504 and r.headers["x-mesh-error"] == "upstream-timeout"
+            assert 0.25 <= elapsed < 0.9
+            assert fast[0] == 2
+
+    run(scenario())
