@@ -10,6 +10,12 @@ Design, in the order a request meets it:
 * Upstream connections (``_Upstream``) live in a per-endpoint pool and are reused while the
   upstream keeps them alive. Once a response is chosen for the caller, its body bytes are written
   to the downstream transport straight from the parser callback, with back-pressure both ways.
+* Fast path: a bodiless inbound request with nothing queued ahead of it and an idle pooled
+  connection to the app needs no coroutine at all. It is forwarded from the downstream parser
+  callback and relayed by ``_FastExchange`` from the upstream parser callbacks; the upstream
+  connection keeps one lazily re-armed deadline timer instead of a timer per request. Anything
+  unusual (no idle connection, a rate limit, a body, pipelined requests behind it, a pooled
+  connection found closed) goes to the coroutine path, which remains the reference behaviour.
 * Each request reads ``ConfigHolder.current`` once at its start and uses that immutable object
   to its end: a config swap never changes a request in flight.
 """
@@ -776,6 +782,8 @@ class _Upstream(asyncio.Protocol):
         "sink",
         "sink_chunked",
         "status",
+        "timer",
+        "timer_at",
         "transport",
         "truncated",
         "until_close",
@@ -797,6 +805,10 @@ class _Upstream(asyncio.Protocol):
         # Bytes for the caller collected while the parser runs, written once it returns.
         self.out: list[bytes] = []
         self.fast: _FastExchange | None = None
+        # One lazily re-armed deadline timer per connection for fast exchanges (a timer per
+        # request costs more than the rest of the exchange's bookkeeping).
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
         self._reset_exchange(False)
 
     def _reset_exchange(self, head_request: bool) -> None:
@@ -827,12 +839,34 @@ class _Upstream(asyncio.Protocol):
         return fut
 
     def begin_fast(self, head_request: bool, fast: _FastExchange) -> None:
-        """An exchange driven by callbacks: ``fast`` hears of the head, the end and failures."""
+        """An exchange driven by callbacks: ``fast`` hears of the head, the end and failures,
+        and ``fast.deadline`` is when it times out if the head has not arrived by then."""
         if self._parser_dirty:
             self.parser = httptools.HttpResponseParser(self)
             self._parser_dirty = False
         self._reset_exchange(head_request)
         self.fast = fast
+        deadline = fast.deadline
+        timer = self.timer
+        if timer is not None:
+            if self.timer_at <= deadline:
+                return  # fires first; _on_timer re-arms for this deadline
+            timer.cancel()
+        self.timer_at = deadline
+        self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        fast = self.fast
+        if fast is None or fast.headed:
+            return
+        deadline = fast.deadline
+        if self.loop.time() < deadline:
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        self.fast = None
+        fast.fail("timeout")
 
     def reusable(self) -> bool:
         return (
@@ -882,6 +916,10 @@ class _Upstream(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
         self.pool.connection_gone(self)
         if not self.complete:
             if self.until_close and self.status:
@@ -1438,11 +1476,9 @@ class Proxy:
         if pool is None or inbound.rate_limit is not None:
             return False
         idle = cast(_Pool, pool).idle
-        while idle:
-            up = idle.pop()
-            if not up.closed:
-                break
-        else:
+        while idle and idle[-1].closed:
+            idle.pop()
+        if not idle:
             return False
         source = req.source.decode("latin-1") if req.source else "unknown"
         tel = self.telemetry
@@ -1457,13 +1493,15 @@ class Proxy:
         head = self._finish_head(
             self._build_head(req, req.url, req.host, b"", tp, request_id, outbound=False), conn, req
         )
+        up = idle.pop()  # only now: nothing above may leave a connection out of the pool
         ep.active_requests += 1
-        fx = _FastExchange(self, conn, req, up, ep, inbound, head, span, source)
+        fx = _FastExchange(
+            self, conn, req, up, ep, inbound, head, span, source, req.started + inbound.timeout_s
+        )
         up.begin_fast(req.method == b"HEAD", fx)
         transport = up.transport
         assert transport is not None
         transport.write(head)
-        fx.timer = self.loop.call_at(req.started + inbound.timeout_s, fx.expire)
         return True
 
     async def _handle_inbound(self, conn: _Downstream, req: _Request) -> bool:
@@ -1776,6 +1814,7 @@ class _FastExchange:
     __slots__ = (
         "chunked",
         "conn",
+        "deadline",
         "ep",
         "head_bytes",
         "headed",
@@ -1785,7 +1824,6 @@ class _FastExchange:
         "req",
         "source",
         "span",
-        "timer",
         "up",
     )
 
@@ -1800,6 +1838,7 @@ class _FastExchange:
         head_bytes: bytes,
         span: SpanLike | None,
         source: str,
+        deadline: float,
     ) -> None:
         self.proxy = proxy
         self.conn = conn
@@ -1810,7 +1849,7 @@ class _FastExchange:
         self.head_bytes = head_bytes
         self.span = span
         self.source = source
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = deadline
         self.headed = False
         self.keep = False
         self.chunked = False
@@ -1818,10 +1857,6 @@ class _FastExchange:
     def head(self) -> None:
         """The response head arrived (called from the upstream parser)."""
         try:
-            timer = self.timer
-            if timer is not None:
-                self.timer = None
-                timer.cancel()
             up = self.up
             conn = self.conn
             parts, self.keep, self.chunked, no_body = _response_head(conn, self.req, up)
@@ -1858,10 +1893,6 @@ class _FastExchange:
     def fail(self, kind: str) -> None:
         """No complete response: like a failed ``_exchange`` or a relay broken off."""
         try:
-            timer = self.timer
-            if timer is not None:
-                self.timer = None
-                timer.cancel()
             up = self.up
             conn = self.conn
             up.abort()
@@ -1895,14 +1926,6 @@ class _FastExchange:
             self._internal_error()
             return
         self._finish(status, keep)
-
-    def expire(self) -> None:
-        """The inbound timeout ran out before the response head."""
-        self.timer = None
-        up = self.up
-        if up.fast is self:
-            up.fast = None
-            self.fail("timeout")
 
     def _internal_error(self) -> None:
         log.exception("internal error while proxying %r", self.req.url[:200])
