@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.db import Database
+from app.main import create_app
 
 API = "/api/v1/services"
 
@@ -193,3 +198,27 @@ def test_openapi_documents_the_resources(client: TestClient) -> None:
     assert "/api/v1/services" in paths
     assert "/api/v1/services/{name}/versions" in paths
     assert "/api/v1/audit" in paths
+
+
+def test_chunked_oversized_bodies_get_413_on_json_and_form_routes(
+    settings: Settings, database: Database
+) -> None:
+    """Without a Content-Length the limit is enforced while the body streams in."""
+    small = settings.model_copy(update={"max_body_bytes": 2048})
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"name": "big", "owner_team": "t", "description": "'
+        for _ in range(100):
+            yield b"a" * 100
+        yield b'"}'
+
+    with TestClient(create_app(small, database)) as small_client:
+        api = small_client.post(API, content=chunks(), headers={"content-type": "application/json"})
+        assert api.status_code == 413
+        form = small_client.post(
+            "/services/new",
+            content=chunks(),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert form.status_code == 413
+        assert small_client.get(API).json()["total"] == 0
