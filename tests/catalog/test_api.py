@@ -222,3 +222,13 @@ def test_chunked_oversized_bodies_get_413_on_json_and_form_routes(
         )
         assert form.status_code == 413
         assert small_client.get(API).json()["total"] == 0
+
+
+def test_json_api_refuses_non_json_content_types(client: TestClient) -> None:
+    """A cross-site form can POST text/plain without a CORS preflight; the API must not take
+    it as JSON, or any page a user visits could create services in their name."""
+    response = client.post(
+        API, content=b'{"name": "x", "owner_team": "t"}', headers={"content-type": "text/plain"}
+    )
+    assert response.status_code == 422
+    assert client.get(API).json()["total"] == 0
