@@ -12,10 +12,13 @@ Design, in the order a request meets it:
   to the downstream transport straight from the parser callback, with back-pressure both ways.
 * Fast path: a bodiless inbound request with nothing queued ahead of it and an idle pooled
   connection to the app needs no coroutine at all. It is forwarded from the downstream parser
-  callback and relayed by ``_FastExchange`` from the upstream parser callbacks; the upstream
-  connection keeps one lazily re-armed deadline timer instead of a timer per request. Anything
+  callback and relayed by ``_FastExchange`` from the upstream parser callbacks. Anything
   unusual (no idle connection, a rate limit, a body, pipelined requests behind it, a pooled
   connection found closed) goes to the coroutine path, which remains the reference behaviour.
+* Deadlines: each upstream connection keeps one lazily re-armed timer (``_Upstream.timer``)
+  instead of a timer per request, on both paths. Before the response head, reaching the
+  deadline is a 504; after it, while the body is relayed, the upstream connection is aborted and
+  the caller's connection closed, so a stalled body cannot hang the caller.
 * Each request reads ``ConfigHolder.current`` once at its start and uses that immutable object
   to its end: a config swap never changes a request in flight.
 """
@@ -760,13 +763,16 @@ class _Upstream(asyncio.Protocol):
     __slots__ = (
         "_informational",
         "_parser_dirty",
+        "body_deadline",
         "body_parts",
         "chunked",
         "closed",
         "complete",
         "content_length",
+        "deadline",
         "discard",
         "done_waiter",
+        "failure",
         "fast",
         "got_bytes",
         "head_request",
@@ -785,7 +791,6 @@ class _Upstream(asyncio.Protocol):
         "timer",
         "timer_at",
         "transport",
-        "truncated",
         "until_close",
         "write_paused",
         "write_waiter",
@@ -805,10 +810,15 @@ class _Upstream(asyncio.Protocol):
         # Bytes for the caller collected while the parser runs, written once it returns.
         self.out: list[bytes] = []
         self.fast: _FastExchange | None = None
-        # One lazily re-armed deadline timer per connection for fast exchanges (a timer per
-        # request costs more than the rest of the exchange's bookkeeping).
+        # One lazily re-armed deadline timer per connection (a timer per request costs more
+        # than the rest of the exchange's bookkeeping): it fires at ``timer_at``, which is never
+        # later than the exchange's ``deadline``, and re-arms itself if the deadline moved on.
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
+        # The exchange times out at ``deadline``; once the head has arrived that becomes
+        # ``body_deadline`` (the route deadline, never earlier), which the body must meet.
+        self.deadline = 0.0
+        self.body_deadline = 0.0
         self._reset_exchange(False)
 
     def _reset_exchange(self, head_request: bool) -> None:
@@ -820,7 +830,8 @@ class _Upstream(asyncio.Protocol):
         self.chunked = False
         self.until_close = False
         self.complete = False
-        self.truncated = False
+        # Why the exchange ended without a complete response (a _Failure kind), if it did.
+        self.failure: str | None = None
         self.keep_alive = False
         self.got_bytes = False
         self.discard = False
@@ -830,23 +841,33 @@ class _Upstream(asyncio.Protocol):
         self.head_waiter: asyncio.Future[None] | None = None
         self.done_waiter: asyncio.Future[None] | None = None
 
-    def begin(self, head_request: bool) -> asyncio.Future[None]:
+    def begin(
+        self, head_request: bool, deadline: float, body_deadline: float
+    ) -> asyncio.Future[None]:
+        """An exchange awaited by a coroutine: the future resolves with the response head, or
+        fails with ``_Failure("timeout")`` at ``deadline``. After the head, the body must be
+        complete by ``body_deadline`` (>= ``deadline``) or the connection is aborted."""
         if self._parser_dirty:
             self.parser = httptools.HttpResponseParser(self)
             self._parser_dirty = False
         self._reset_exchange(head_request)
         fut = self.head_waiter = self.loop.create_future()
+        self._arm(deadline, body_deadline)
         return fut
 
     def begin_fast(self, head_request: bool, fast: _FastExchange) -> None:
-        """An exchange driven by callbacks: ``fast`` hears of the head, the end and failures,
-        and ``fast.deadline`` is when it times out if the head has not arrived by then."""
+        """An exchange driven by callbacks: ``fast`` hears of the head, the end and failures;
+        ``fast.deadline`` is when it times out, before the head (504) or during the body."""
         if self._parser_dirty:
             self.parser = httptools.HttpResponseParser(self)
             self._parser_dirty = False
         self._reset_exchange(head_request)
         self.fast = fast
-        deadline = fast.deadline
+        self._arm(fast.deadline, fast.deadline)
+
+    def _arm(self, deadline: float, body_deadline: float) -> None:
+        self.deadline = deadline
+        self.body_deadline = body_deadline
         timer = self.timer
         if timer is not None:
             if self.timer_at <= deadline:
@@ -857,16 +878,31 @@ class _Upstream(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self.timer = None
-        fast = self.fast
-        if fast is None or fast.headed:
-            return
-        deadline = fast.deadline
+        if self.complete or self.closed or self.failure is not None:
+            return  # no exchange in flight; the next one arms the timer again
+        deadline = self.deadline
         if self.loop.time() < deadline:
             self.timer_at = deadline
             self.timer = self.loop.call_at(deadline, self._on_timer)
             return
-        self.fast = None
-        fast.fail("timeout")
+        if not self.status:
+            # No response head yet: the exchange fails and the caller gets a 504.
+            fast = self.fast
+            if fast is not None:
+                self.fast = None
+                fast.fail("timeout")
+            else:
+                self.expire()
+            return
+        # The head went to the caller but the body is not complete by the route deadline: the
+        # connection is out of sync and is aborted; the caller's connection is broken off.
+        log.debug(
+            "route timeout during the response body from %s:%s (status %d): aborting",
+            self.pool.endpoint.host,
+            self.pool.endpoint.port,
+            self.status,
+        )
+        self.abort("timeout")
 
     def reusable(self) -> bool:
         return (
@@ -894,7 +930,6 @@ class _Upstream(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self._flush()
-            self.truncated = True
             self._fail("reset")
             self.abort()
             return
@@ -922,7 +957,7 @@ class _Upstream(asyncio.Protocol):
             timer.cancel()
         self.pool.connection_gone(self)
         if not self.complete:
-            if self.until_close and self.status:
+            if self.until_close and self.status and self.failure is None:
                 # A response delimited by the end of the connection is now complete.
                 self._finish()
                 fast = self.fast
@@ -930,7 +965,6 @@ class _Upstream(asyncio.Protocol):
                     self.fast = None
                     fast.done()
             else:
-                self.truncated = True
                 self._fail("reset")
         w = self.write_waiter
         if w is not None and not w.done():
@@ -975,6 +1009,7 @@ class _Upstream(asyncio.Protocol):
             self.chunked = False
             return
         self.status = status
+        self.deadline = self.body_deadline
         self.keep_alive = parser.should_keep_alive()
         chunked = self.chunked
         no_body = self.head_request or status in (204, 304)
@@ -1023,6 +1058,8 @@ class _Upstream(asyncio.Protocol):
                 w.set_result(None)
 
     def _fail(self, kind: str) -> None:
+        if self.failure is None:
+            self.failure = kind
         fast = self.fast
         if fast is not None:
             self.fast = None
@@ -1035,7 +1072,8 @@ class _Upstream(asyncio.Protocol):
                     w.set_exception(_Failure(kind))
 
     def expire(self) -> None:
-        """Per-try or route deadline reached before the response head."""
+        """Per-try or route deadline reached before the response head (``_exchange`` then
+        aborts the connection)."""
         w = self.head_waiter
         if w is not None and not w.done():
             self.head_waiter = None
@@ -1045,18 +1083,18 @@ class _Upstream(asyncio.Protocol):
         fut = self.loop.create_future()
         if self.complete:
             fut.set_result(None)
-        elif self.closed:
-            fut.set_exception(_Failure("reset"))
+        elif self.failure is not None or self.closed:
+            fut.set_exception(_Failure(self.failure or "reset"))
         else:
             self.done_waiter = fut
         return fut
 
-    def abort(self) -> None:
+    def abort(self, kind: str = "reset") -> None:
         t = self.transport
         if t is not None and not self.closed:
             t.abort()
         if not self.complete:
-            self._fail("reset")
+            self._fail(kind)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1290,21 +1328,26 @@ class Proxy:
         max_pending: int,
         connect_timeout: float,
         *,
+        body_deadline: float | None = None,
         fresh: bool = False,
     ) -> _Upstream:
         """Send one request to ``ep`` and return once its response head has arrived.
 
-        ``body`` None means stream ``req.body`` (never retried). A reused keep-alive connection
-        that the upstream closed just as we sent on it is retried once on a fresh connection:
-        the upstream never saw that request. ``fresh``: that retry, after the fast path found
-        its pooled connection closed.
+        The head must arrive by ``deadline``, the rest of the response by ``body_deadline``
+        (default: ``deadline``), else the connection is aborted and waiting on it fails with
+        ``_Failure("timeout")``. ``body`` None means stream ``req.body`` (never retried). A
+        reused keep-alive connection that the upstream closed just as we sent on it is retried
+        once on a fresh connection: the upstream never saw that request. ``fresh``: that
+        retry, after the fast path found its pooled connection closed.
         """
         loop = self.loop
+        if body_deadline is None:
+            body_deadline = deadline
         for _ in range(2):
             up, reused = await self._connect(
                 ep, max_conns, max_pending, connect_timeout, deadline, fresh=fresh
             )
-            waiter = up.begin(req.method == b"HEAD")
+            waiter = up.begin(req.method == b"HEAD", deadline, body_deadline)
             transport = up.transport
             assert transport is not None
             pump: asyncio.Task[None] | None = None
@@ -1315,7 +1358,6 @@ class Proxy:
             else:
                 transport.write(head)
                 pump = loop.create_task(self._pump_body(req, up))
-            timer = loop.call_at(deadline, up.expire)
             try:
                 await waiter
             except _Failure as f:
@@ -1325,8 +1367,6 @@ class Proxy:
                 if f.kind == "reset" and reused and not up.got_bytes and body is not None:
                     continue
                 raise
-            finally:
-                timer.cancel()
             if pump is not None and not pump.done():
                 # The upstream answered before taking the whole body: let the pump finish in
                 # the background; if it cannot, the connection will not be reused.
@@ -1409,7 +1449,8 @@ class Proxy:
 
     async def _relay(self, conn: _Downstream, req: _Request, up: _Upstream) -> bool:
         """Send the chosen response to the caller. Returns whether the caller connection may be
-        kept open."""
+        kept open. The connection's timer enforces the route deadline on the body meanwhile: if
+        it passes, ``up.failure`` is "timeout" when this returns."""
         parts, keep, chunked, no_body = _response_head(conn, req, up)
         if up.body_parts and not no_body:
             buffered = b"".join(up.body_parts)
@@ -1429,8 +1470,9 @@ class Proxy:
             try:
                 await up.wait_done()
             except _Failure:
-                # The upstream broke off mid-body: all we can do is break off too, so that the
-                # caller sees a truncated response rather than a silently short one.
+                # The upstream broke off mid-body or the route deadline passed: all we can do
+                # is break off too, so that the caller sees a truncated response rather than a
+                # silently short one.
                 conn.relaying = None
                 conn.close()
                 return False
@@ -1575,6 +1617,8 @@ class Proxy:
             try:
                 return await self._relay(conn, req, up)
             finally:
+                if up.failure == "timeout":
+                    status = None  # cut off mid-body: no complete response
                 self._release(up)
         finally:
             ep.active_requests -= 1
@@ -1693,6 +1737,7 @@ class Proxy:
                         svc.max_connections,
                         svc.max_pending,
                         svc.connect_timeout_s,
+                        body_deadline=route_deadline,
                     )
                 except _Failure as f:
                     if f.kind != "overflow":
@@ -1724,9 +1769,12 @@ class Proxy:
                     avoid = ep
                     continue
                 try:
-                    return status, await self._relay(conn, req, up)
+                    keep = await self._relay(conn, req, up)
                 finally:
                     self._release(up)
+                if up.failure == "timeout":
+                    return None, keep  # cut off mid-body: no complete response
+                return status, keep
             finally:
                 ep.active_requests -= 1
 
@@ -1792,11 +1840,7 @@ class Proxy:
             up.discard = True
             up.body_parts = []
             if not up.complete:
-                timer = self.loop.call_at(deadline, up.abort)
-                try:
-                    await up.wait_done()
-                finally:
-                    timer.cancel()
+                await up.wait_done()  # the connection's timer aborts it at the deadline
             self._release(up)
         except _Failure:
             pass
@@ -1897,10 +1941,11 @@ class _FastExchange:
             conn = self.conn
             up.abort()
             if self.headed:
-                # Broken off mid-body: break off too, so the caller sees a truncated response.
+                # Broken off mid-body or past the deadline: break off too, so the caller sees
+                # a truncated response; a timeout counts as no response at all.
                 conn.relaying = None
                 conn.close()
-                self._finish(up.status, False)
+                self._finish(None if kind == "timeout" else up.status, False)
                 return
             if kind == "reset" and not up.got_bytes:
                 # The pooled connection was closed as we reused it: the upstream never saw the

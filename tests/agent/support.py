@@ -209,6 +209,55 @@ class Backend:
         await writer.drain()
 
 
+RawScript = Callable[[int, int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
+
+
+class RawApp:
+    """An app whose every answer is scripted byte for byte: ``script(conn_no, req_no, reader,
+    writer)`` answers one request (whose head has been read) and returns False to stop."""
+
+    def __init__(self, script: RawScript) -> None:
+        self.script = script
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.closed_by_peer = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> RawApp:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn_no = self.connections
+        self.connections += 1
+        req_no = 0
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    self.closed_by_peer.set()
+                    return
+                self.heads.append(head)
+                if not await self.script(conn_no, req_no, reader, writer):
+                    return
+                req_no += 1
+        except ConnectionError:
+            self.closed_by_peer.set()
+        finally:
+            writer.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Telemetry fake
 
