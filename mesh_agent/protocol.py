@@ -228,7 +228,8 @@ class Route(_Model):
     name: str
     match: RouteMatch = RouteMatch()
     backends: Annotated[tuple[Backend, ...], Field(min_length=1)]
-    timeout_ms: Annotated[int, Field(gt=0)] | None = None
+    # None: the service's timeout; 0: no timeout (long downloads, event streams).
+    timeout_ms: Annotated[int, Field(ge=0)] | None = None
     retries: RetryPolicy | None = None
     fault: FaultPolicy | None = None
     mirror: MirrorPolicy | None = None
@@ -284,7 +285,7 @@ class ServiceConfig(_Model):
     versions: dict[str, VersionConfig]
     routes: tuple[Route, ...] = ()
     load_balancer: Literal["round_robin", "least_request"] = "least_request"
-    timeout_ms: Annotated[int, Field(gt=0)] = 15_000
+    timeout_ms: Annotated[int, Field(ge=0)] = 15_000  # 0: no timeout
     retries: RetryPolicy = RetryPolicy()
     retry_budget: RetryBudget = RetryBudget()
     outlier_detection: OutlierDetection = OutlierDetection()
@@ -310,7 +311,7 @@ class ServiceConfig(_Model):
 class InboundPolicy(_Model):
     """Policy of the inbound listener, in front of the local app."""
 
-    timeout_ms: Annotated[int, Field(gt=0)] = 60_000
+    timeout_ms: Annotated[int, Field(ge=0)] = 60_000  # 0: no timeout
     rate_limit: RateLimit | None = None
     connection_limits: ConnectionLimits = ConnectionLimits()
 

@@ -32,9 +32,19 @@ __all__ = [
     "Inbound",
     "VersionPool",
     "compile_config",
+    "timeout_seconds",
 ]
 
 HeaderLookup = Mapping[bytes, bytes]
+
+# "No timeout" is a deadline far enough away never to fire, so the hot path keeps one code
+# path (a float deadline) instead of branching on None on every request.
+NO_TIMEOUT_S = 365 * 24 * 3600.0
+
+
+def timeout_seconds(timeout_ms: int) -> float:
+    """Milliseconds from the config to seconds; 0 means no timeout."""
+    return timeout_ms / 1000.0 if timeout_ms else NO_TIMEOUT_S
 
 
 class VersionPool:
@@ -122,7 +132,8 @@ class CompiledRoute:
         self._cumulative = cumulative
         self._total = total
         self._rng = rng
-        self.timeout_s = (route.timeout_ms or service.timeout_ms) / 1000.0
+        timeout_ms = route.timeout_ms if route.timeout_ms is not None else service.timeout_ms
+        self.timeout_s = timeout_seconds(timeout_ms)
         self.retry = RetryRules(route.retries or service.retries)
         self.fault = FaultInjector(route.fault) if route.fault else None
         self.mirror = pools[route.mirror.version] if route.mirror else None
@@ -258,7 +269,7 @@ class Inbound:
         clock: Callable[[], float],
         previous: Inbound | None = None,
     ) -> None:
-        self.timeout_s = policy.timeout_ms / 1000.0
+        self.timeout_s = timeout_seconds(policy.timeout_ms)
         self.rate_policy = policy.rate_limit
         self.rate_limit: TokenBucket | None
         if previous is not None and previous.rate_policy == policy.rate_limit:

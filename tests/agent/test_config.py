@@ -101,7 +101,8 @@ def test_field_errors_have_paths() -> None:
         for e in errors
     ), errors
     assert any(
-        e.startswith("services[0].timeout_ms: Input should be greater than 0") for e in errors
+        e.startswith("services[0].timeout_ms: Input should be greater than or equal to 0")
+        for e in errors
     ), errors
     assert any(
         e.startswith("services[0].routes[0].match.path.regex: invalid regular expression")

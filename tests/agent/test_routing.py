@@ -218,3 +218,45 @@ def test_limiter_state_survives_a_swap_when_its_policy_is_unchanged() -> None:
     svc_c = c.service_for(b"reviews")
     assert svc_c is not None and svc_c.rate_limit is not None
     assert svc_c.rate_limit.try_acquire()  # a new policy starts a new bucket
+
+
+def test_route_timeout_inherits_and_zero_disables() -> None:
+    backends = [{"version": "v1", "weight": 1}]
+    compiled = _compile(
+        [
+            _svc(
+                [
+                    {"name": "inherits", "match": {"path": {"prefix": "/a"}}, "backends": backends},
+                    {
+                        "name": "own",
+                        "match": {"path": {"prefix": "/b"}},
+                        "backends": backends,
+                        "timeout_ms": 250,
+                    },
+                    {
+                        "name": "stream",
+                        "match": {"path": {"prefix": "/c"}},
+                        "backends": backends,
+                        "timeout_ms": 0,
+                    },
+                ],
+                timeout_ms=2000,
+            )
+        ]
+    )
+    svc = compiled.service_for(b"reviews")
+    assert svc is not None
+    timeouts = {route.name: route.timeout_s for route in svc.routes}
+    assert timeouts["inherits"] == 2.0
+    assert timeouts["own"] == 0.25
+    # 0 is "no timeout", not "inherit" (0 is falsy; an `or` would have turned it into 2.0).
+    assert timeouts["stream"] >= 24 * 3600
+
+
+def test_negative_timeout_is_rejected() -> None:
+    import pytest
+
+    from mesh_agent.config import ConfigError
+
+    with pytest.raises(ConfigError, match="timeout_ms"):
+        validate_config({"services": [_svc([], timeout_ms=-1)]})
