@@ -21,6 +21,20 @@ from app.pagination import Page, paginate
 
 GENESIS_HASH = "0" * 64
 
+# The columns an event's hash covers, in the keyword names of ``event_hash``.
+HASHED_FIELDS = (
+    "seq",
+    "occurred_at",
+    "actor",
+    "action",
+    "resource_kind",
+    "resource_name",
+    "before",
+    "after",
+    "reason",
+    "prev_hash",
+)
+
 # Any constant works; it only has to be the same for every writer of the chain.
 _AUDIT_CHAIN_LOCK_KEY = 0x6D657368_61756474  # "meshaudt"
 
@@ -186,19 +200,7 @@ def verify_chain(session: Session, *, batch_size: int = 2000) -> ChainVerificati
     expected_prev = GENESIS_HASH
     expected_seq = 1
     checked = 0
-    columns = (
-        AuditEvent.seq,
-        AuditEvent.occurred_at,
-        AuditEvent.actor,
-        AuditEvent.action,
-        AuditEvent.resource_kind,
-        AuditEvent.resource_name,
-        AuditEvent.before,
-        AuditEvent.after,
-        AuditEvent.reason,
-        AuditEvent.prev_hash,
-        AuditEvent.hash,
-    )
+    columns = [getattr(AuditEvent, name) for name in (*HASHED_FIELDS, "hash")]
     while True:
         # Plain rows rather than ORM objects: building objects was half the cost of a check.
         rows = session.execute(
@@ -225,18 +227,8 @@ def verify_chain(session: Session, *, batch_size: int = 2000) -> ChainVerificati
                     f"event {row.seq} does not point at event {row.seq - 1}: "
                     "an earlier event was changed or removed",
                 )
-            recomputed = event_hash(
-                seq=row.seq,
-                occurred_at=row.occurred_at,
-                actor=row.actor,
-                action=row.action,
-                resource_kind=row.resource_kind,
-                resource_name=row.resource_name,
-                before=row.before,
-                after=row.after,
-                reason=row.reason,
-                prev_hash=row.prev_hash,
-            )
+            mapping = row._mapping
+            recomputed = event_hash(**{name: mapping[name] for name in HASHED_FIELDS})
             if recomputed != row.hash:
                 return ChainVerification(
                     False, checked, row.seq, f"event {row.seq} was altered after it was written"
