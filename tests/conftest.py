@@ -98,7 +98,12 @@ def postgres_template_url(postgres_databases: PostgresDatabases) -> str:
     return url
 
 
-_TABLES_TO_CLEAR = ["service_instances", "service_versions", "services", "audit_events"]
+def _tables_to_clear() -> list[str]:
+    """Every table the models declare, so a new domain's tables are reset without listing them."""
+    import app.models  # noqa: F401  (registers every model on the metadata)
+    from app.db import Base
+
+    return [table.name for table in reversed(Base.metadata.sorted_tables)]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -113,7 +118,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     engine = make_engine(url)
     with engine.begin() as connection:
         # TRUNCATE does not fire the append-only row triggers, which is what a test reset needs.
-        connection.execute(text(f"TRUNCATE {', '.join(_TABLES_TO_CLEAR)} RESTART IDENTITY"))
+        connection.execute(text(f"TRUNCATE {', '.join(_tables_to_clear())} RESTART IDENTITY"))
         # Tamper tests switch the append-only guard off; every test starts with it on.
         connection.execute(text("ALTER TABLE audit_events ENABLE TRIGGER USER"))
     engine.dispose()
