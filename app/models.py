@@ -2,5 +2,6 @@
 
 from app.audit.models import AuditEvent
 from app.catalog.models import Instance, Service, Version
+from app.telemetry.models import EdgeRollup, Span
 
-__all__ = ["AuditEvent", "Instance", "Service", "Version"]
+__all__ = ["AuditEvent", "EdgeRollup", "Instance", "Service", "Span", "Version"]
