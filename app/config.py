@@ -29,12 +29,27 @@ class Settings(BaseSettings):
 
     sql_echo: bool = False
 
+    join_token_file: Path | None = None
+    """The mesh join token agents present; empty means ``<data dir>/join-token``."""
+    poll_hold_s: float = Field(default=30.0, gt=0, le=300)
+    """How long the control plane holds an agent's discovery poll open when nothing changed."""
+    agent_disconnect_s: float = Field(default=15.0, gt=0)
+    """An agent without an open poll for this long is DISCONNECTED."""
+    agent_grace_s: float = Field(default=60.0, ge=0)
+    """A DISCONNECTED agent's endpoint leaves its callers' config after this long."""
+    change_deadline_s: float = Field(default=60.0, gt=0)
+    """A change not ACKed by every targeted agent after this long is reported as partial."""
+
     @field_validator("database_url")
     @classmethod
     def _only_known_databases(cls, value: str) -> str:
         if value and not value.startswith(("sqlite", "postgresql")):
             raise ValueError("MESH_DATABASE_URL must be an sqlite:// or postgresql:// URL")
         return value
+
+    @property
+    def effective_join_token_file(self) -> Path:
+        return self.join_token_file or self.data_dir / "join-token"
 
     @property
     def effective_database_url(self) -> str:

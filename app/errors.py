@@ -33,3 +33,16 @@ class StaleRevisionError(ConflictError):
         )
         self.expected = expected
         self.actual = actual
+
+
+class InvalidError(DomainError):
+    """Input that is well-formed but not acceptable, with every problem found (not just the
+    first), each tied to the field it is about: ``spec.routes[0].backends[1].version``."""
+
+    status_code = 422
+
+    def __init__(self, issues: list[tuple[str, str]]) -> None:
+        first_field = issues[0][0]
+        message = "; ".join(f"{field}: {text}" if field else text for field, text in issues)
+        super().__init__(message, field=first_field or None)
+        self.issues = issues

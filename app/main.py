@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,17 +14,21 @@ from fastapi.exception_handlers import (
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.agents import api as agents_api
+from app.agents.hub import PushHub
 from app.audit import api as audit_api
 from app.audit import web as audit_web
 from app.catalog import api as catalog_api
 from app.catalog import web as catalog_web
 from app.config import REPO_ROOT, Settings, get_settings
 from app.db import Database
-from app.errors import DomainError
+from app.errors import DomainError, InvalidError
 from app.middleware import SecurityHeadersMiddleware
+from app.policies import api as policies_api
 from app.web import render
 
 STATIC_DIR = REPO_ROOT / "static"
@@ -34,11 +39,17 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     owns_database = database is None
     database = database or Database(settings.effective_database_url, echo=settings.sql_echo)
 
+    hub = PushHub(database, settings)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if owns_database:
-            database.dispose()
+        hub.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            hub.stop()
+            if owns_database:
+                database.dispose()
 
     app = FastAPI(
         title="mesh control plane",
@@ -50,8 +61,11 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     )
     app.state.settings = settings
     app.state.database = database
+    app.state.hub = hub
 
     app.include_router(catalog_api.router)
+    app.include_router(policies_api.router)
+    app.include_router(agents_api.router)
     app.include_router(audit_api.router)
     app.include_router(catalog_web.router, include_in_schema=False)
     app.include_router(audit_web.router, include_in_schema=False)
@@ -61,11 +75,17 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(hub.metrics.exposition(hub), media_type=CONTENT_TYPE_LATEST)
+
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, exc: DomainError) -> JSONResponse:
         body: dict[str, object] = {"detail": exc.message}
         if exc.field:
             body["field"] = exc.field
+        if isinstance(exc, InvalidError):
+            body["errors"] = [{"field": field, "message": text} for field, text in exc.issues]
         return JSONResponse(body, status_code=exc.status_code)
 
     # People who follow a bad link or edit a URL by hand get a page, API clients get JSON.

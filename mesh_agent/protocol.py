@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "AbortFault",
+    "AgentRegistration",
     "Backend",
     "ConfigIssue",
     "ConnectionLimits",
@@ -425,3 +426,39 @@ class DiscoveryRequest(_Model):
     version: str | None = None
     response_nonce: str | None = None
     error_detail: str | None = None
+
+
+class AgentRegistration(_Model):
+    """Agent → control plane, once per connection: who this agent is and where callers reach
+    its inbound listener. ``agent_id`` is stable across restarts of the same instance."""
+
+    agent_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    service: str
+    namespace: str = "default"
+    version: str
+    address: str
+    agent_version: Annotated[str, Field(max_length=63)] = ""
+
+    @field_validator("service", "namespace")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v) or v.endswith("\n"):
+            raise ValueError(f"{v!r} is not a DNS label (lower-case letters, digits, '-')")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version_name(cls, v: str) -> str:
+        if not _VERSION_NAME.match(v) or v.endswith("\n"):
+            raise ValueError(f"{v!r} is not a valid version name")
+        return v
+
+    @field_validator("address")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        host, _ = parse_address(v)
+        if v.endswith("\n"):
+            raise ValueError(f"{v!r} is not host:port")
+        if host in ("0.0.0.0", "::"):
+            raise ValueError(f"{v!r} is not an address callers can reach (advertise a real one)")
+        return v

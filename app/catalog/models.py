@@ -26,6 +26,9 @@ class Service(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     links: Mapped[list[dict[str, str]]] = mapped_column(JSONType, default=list)
     labels: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
+    # Services this one calls outside its own namespace ("namespace/name"), or in it ("name").
+    # Its agents get the config of their own namespace plus these, nothing else.
+    dependencies: Mapped[list[str]] = mapped_column(JSONType, default=list)
     revision: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -62,6 +65,7 @@ class Service(Base):
             "description": self.description,
             "links": list(self.links),
             "labels": dict(self.labels),
+            "dependencies": list(self.dependencies),
         }
 
 

@@ -17,6 +17,7 @@ LABEL_KEY = re.compile(
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 MAX_LABELS = 64
 MAX_LINKS = 20
+MAX_DEPENDENCIES = 200
 
 
 def _dns_label(value: str) -> str:
@@ -42,10 +43,26 @@ def _labels(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+def _dependencies(value: list[str]) -> list[str]:
+    """``name`` (same namespace) or ``namespace/name``; duplicates refused, order kept."""
+    seen: set[str] = set()
+    for item in value:
+        parts = item.split("/")
+        if len(parts) > 2 or not all(DNS_LABEL.match(part) and len(part) <= 63 for part in parts):
+            raise ValueError(f"{item!r} is not a service name or namespace/name")
+        if item in seen:
+            raise ValueError(f"{item!r} is listed twice")
+        seen.add(item)
+    return value
+
+
 DnsLabel = Annotated[
     str, StringConstraints(min_length=1, max_length=63), AfterValidator(_dns_label)
 ]
 Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+Dependencies = Annotated[
+    list[str], Field(max_length=MAX_DEPENDENCIES), AfterValidator(_dependencies)
+]
 TeamName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=63)]
 Description = Annotated[str, StringConstraints(max_length=4000)]
 VersionName = Annotated[
@@ -71,6 +88,7 @@ class ServiceCreate(Strict):
     description: Description = ""
     links: Annotated[list[Link], Field(max_length=MAX_LINKS)] = []
     labels: Labels = {}
+    dependencies: Dependencies = []
 
 
 class ServiceUpdate(Strict):
@@ -82,6 +100,7 @@ class ServiceUpdate(Strict):
     description: Description | None = None
     links: Annotated[list[Link], Field(max_length=MAX_LINKS)] | None = None
     labels: Labels | None = None
+    dependencies: Dependencies | None = None
 
 
 class VersionCreate(Strict):
@@ -129,6 +148,7 @@ class ServiceSummary(BaseModel):
     owner_team: str
     description: str
     labels: dict[str, str]
+    dependencies: list[str]
     revision: int
     created_at: datetime
     updated_at: datetime

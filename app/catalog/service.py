@@ -14,6 +14,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from app.audit import service as audit
 from app.catalog.models import Instance, Service, Version
 from app.catalog.schemas import InstanceCreate, Link, ServiceCreate, ServiceUpdate, VersionCreate
+from app.changes import touched
 from app.db import utcnow
 from app.errors import ConflictError, NotFoundError, StaleRevisionError
 from app.pagination import Page, paginate
@@ -101,6 +102,7 @@ def create_service(
         description=data.description,
         links=_links(data.links),
         labels=dict(data.labels),
+        dependencies=list(data.dependencies),
         created_at=now,
         updated_at=now,
         versions=[],
@@ -108,6 +110,7 @@ def create_service(
     )
     session.add(service)
     _flush_or_conflict(session, f"service {data.namespace}/{data.name} already exists", "name")
+    touched(session, data.namespace, data.name)
     audit.record(
         session,
         actor,
@@ -143,6 +146,8 @@ def update_service(
         changes["links"] = _links(data.links)
     if data.labels is not None:
         changes["labels"] = dict(data.labels)
+    if data.dependencies is not None:
+        changes["dependencies"] = list(data.dependencies)
     changed = {key: value for key, value in changes.items() if before[key] != value}
     if not changed:
         return service
@@ -153,6 +158,7 @@ def update_service(
         session.flush()
     except StaleDataError as exc:
         raise StaleRevisionError(expected=data.revision, actual=data.revision + 1) from exc
+    touched(session, namespace, name)
     audit.record(
         session,
         actor,
@@ -184,6 +190,7 @@ def delete_service(
     qualified = service.qualified_name
     session.execute(delete(Service).where(Service.id == service.id))
     session.expunge(service)
+    touched(session, namespace, name)
     audit.record(
         session,
         actor,
@@ -213,6 +220,7 @@ def create_version(
     version = Version(service_id=service.id, name=data.name, labels=dict(data.labels))
     session.add(version)
     _flush_or_conflict(session, f"version {data.name!r} already exists", "name")
+    touched(session, namespace, name)
     audit.record(
         session,
         actor,
@@ -246,6 +254,7 @@ def delete_version(
         )
     before = version.snapshot()
     session.execute(delete(Version).where(Version.id == version.id))
+    touched(session, namespace, name)
     audit.record(
         session,
         actor,
@@ -283,6 +292,7 @@ def create_instance(
     )
     session.add(instance)
     _flush_or_conflict(session, f"instance {data.address} already exists", "address")
+    touched(session, namespace, name)
     audit.record(
         session,
         actor,
@@ -311,6 +321,7 @@ def delete_instance(
         raise NotFoundError(f"service {namespace}/{name} has no instance at {address}")
     before = instance.snapshot()
     session.execute(delete(Instance).where(Instance.id == instance.id))
+    touched(session, namespace, name)
     audit.record(
         session,
         actor,

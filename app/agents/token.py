@@ -1,0 +1,59 @@
+"""The mesh join token: a shared secret every agent presents (``Authorization: Bearer …``).
+
+Created at first start as a file readable by its owner only (like a k3s node token), never a
+default value. ``meshctl token rotate`` replaces the file; a running control plane notices the
+new file (it re-reads it when its modification time changes) and refuses the old token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import threading
+from pathlib import Path
+
+__all__ = ["JoinToken"]
+
+
+class JoinToken:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._cached: tuple[int, str] | None = None
+
+    def ensure(self) -> str:
+        """The token, created if there is none yet."""
+        with self._lock:
+            if not self.path.exists():
+                self._write(secrets.token_urlsafe(32))
+            return self._read()
+
+    def rotate(self) -> str:
+        with self._lock:
+            self._write(secrets.token_urlsafe(32))
+            return self._read()
+
+    def check(self, presented: str) -> bool:
+        try:
+            with self._lock:
+                expected = self._read()
+        except OSError:
+            return False
+        return hmac.compare_digest(presented.encode(), expected.encode())
+
+    def _read(self) -> str:
+        stamp = self.path.stat().st_mtime_ns
+        if self._cached is None or self._cached[0] != stamp:
+            self._cached = (stamp, self.path.read_text().strip())
+        return self._cached[1]
+
+    def _write(self, token: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        # Created 0600 from the start: never readable by others, not even for an instant.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.replace(tmp, self.path)
+        self._cached = None

@@ -1,0 +1,1 @@
+"""Traffic policy per service and the mesh-wide defaults, stored as audited revisions."""
