@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -19,8 +19,19 @@ cli = typer.Typer(
 )
 db_cli = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 audit_cli = typer.Typer(help="Audit log commands.", no_args_is_help=True)
+token_cli = typer.Typer(help="The mesh join token agents present.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(audit_cli, name="audit")
+cli.add_typer(token_cli, name="token")
+
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        help="Control plane URL [MESH_SERVER; default http://MESH_HOST:MESH_PORT].",
+        envvar="MESH_SERVER",
+    ),
+]
 
 
 def _fail(message: str) -> NoReturn:
@@ -189,6 +200,175 @@ def audit_verify() -> None:
     typer.echo(f"BROKEN at event {result.first_broken_seq}: {result.detail}", err=True)
     typer.echo(f"({result.checked} events before it verified)", err=True)
     raise typer.Exit(1)
+
+
+@token_cli.command("show")
+def token_show() -> None:
+    """Print the join token (created on first use), for mesh-agent --token."""
+    from app.agents.token import JoinToken
+
+    settings = _load_settings()
+    try:
+        typer.echo(JoinToken(settings.effective_join_token_file).ensure())
+    except OSError as exc:
+        _fail(f"cannot read or create {settings.effective_join_token_file}: {exc.strerror}")
+
+
+@token_cli.command("rotate")
+def token_rotate() -> None:
+    """Replace the join token. Agents with the old one are refused from now on: restart them
+    with the new token."""
+    from app.agents.token import JoinToken
+
+    settings = _load_settings()
+    try:
+        JoinToken(settings.effective_join_token_file).rotate()
+    except OSError as exc:
+        _fail(f"cannot write {settings.effective_join_token_file}: {exc.strerror}")
+    typer.echo(f"join token replaced in {settings.effective_join_token_file}", err=True)
+
+
+def _server_url(server: str | None) -> str:
+    if server:
+        return server.rstrip("/")
+    settings = _load_settings()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def _api(method: str, server: str | None, path: str, **kwargs: Any) -> Any:
+    """Call the JSON API; any failure is one line on stderr and exit code 2."""
+    import httpx
+
+    url = _server_url(server)
+    try:
+        response = httpx.request(method, url + path, timeout=30.0, **kwargs)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the control plane at {url}: {exc.__class__.__name__}: {exc}")
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+            detail = body.get("detail", body)
+        except ValueError:
+            detail = response.text[:300]
+        if isinstance(detail, list):  # FastAPI's own 422 shape
+            detail = "; ".join(str(item.get("msg", item)) for item in detail)
+        _fail(f"{response.status_code}: {detail}")
+    return response.json() if response.content else None
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+@cli.command("proxy-status")
+def proxy_status(
+    server: ServerOption = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    service: Annotated[str | None, typer.Option("--service")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+) -> None:
+    """Every agent with its sync state (SYNCED, STALE, NACKED, NOT_SENT, DISCONNECTED)."""
+    import json
+
+    params = {k: v for k, v in {"namespace": namespace, "service": service}.items() if v}
+    data = _api("GET", server, "/api/v1/agents", params=params)
+    if output == "json":
+        typer.echo(json.dumps(data, indent=2))
+        return
+    rows = [
+        [
+            f"{a['namespace']}/{a['service']}",
+            a["version"],
+            a["address"] or "-",
+            a["sync_state"],
+            a["config_version"] or "-",
+            a["last_seen_at"][:19].replace("T", " "),
+            (a["last_error"] or "")[:60],
+        ]
+        for a in data["items"]
+    ]
+    typer.echo(
+        _table(
+            ["SERVICE", "VERSION", "ADDRESS", "SYNC", "CONFIG", "LAST SEEN (UTC)", "ERROR"], rows
+        )
+    )
+    summary = ", ".join(f"{n} {state}" for state, n in data["counts"].items() if n)
+    typer.echo(f"\n{data['total']} agent(s){': ' + summary if summary else ''}")
+
+
+def _parse_weights(text: str) -> dict[str, int]:
+    weights: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        version, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise typer.BadParameter(f"{item!r}: write VERSION=PERCENT, e.g. v1=90,v2=10")
+        weights[version.strip()] = int(value)
+    if not weights:
+        raise typer.BadParameter("give at least one VERSION=PERCENT")
+    return weights
+
+
+@cli.command()
+def canary(
+    service: Annotated[str, typer.Argument(help="The service whose traffic to shift.")],
+    weights: Annotated[
+        str, typer.Option("--weights", help="VERSION=PERCENT,… summing to 100, e.g. v1=90,v2=10")
+    ],
+    reason: Annotated[str, typer.Option("--reason", help="Why; stored in the audit log.")],
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+    server: ServerOption = None,
+    wait: Annotated[
+        bool, typer.Option(help="Wait until every agent applied it (or refused it).")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for convergence.")] = 60.0,
+) -> None:
+    """Shift traffic between versions of SERVICE and follow the change to every agent."""
+    import time
+
+    split = _parse_weights(weights)
+    data = _api(
+        "POST",
+        server,
+        f"/api/v1/services/{service}/traffic/weights",
+        params={"namespace": namespace},
+        json={"weights": split},
+        headers={"X-Mesh-Reason": reason},
+    )
+    change = data.get("change")
+    shown = ", ".join(f"{v}={w}" for v, w in split.items())
+    if change is None:
+        typer.echo(f"{namespace}/{service}: already at {shown}; nothing to push")
+        return
+    typer.echo(
+        f"{namespace}/{service}: {shown} (revision {data['revision']}, change {change['id']})"
+    )
+    deadline = time.monotonic() + timeout
+    while wait and change["state"] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        change = _api("GET", server, f"/api/v1/changes/{change['id']}")
+    typer.echo(_change_line(change))
+    if change["state"] == "partial":
+        for error in change["errors"]:
+            typer.echo(f"  NACKED by {error['agent_id']}: {error['error']}", err=True)
+        raise typer.Exit(1)
+
+
+def _change_line(change: dict[str, Any]) -> str:
+    state, targeted, synced = change["state"], change["targeted"], change["synced"]
+    if state == "idle":
+        return "no agent needed this change (none calls the service yet)"
+    took = f" in {change['duration_ms']} ms" if change["duration_ms"] is not None else ""
+    if state == "converged":
+        return f"{synced}/{targeted} agents synced{took}"
+    nacked = f", {change['nacked']} NACKED" if change["nacked"] else ""
+    return f"{synced}/{targeted} agents synced{nacked}{took} ({state})"
 
 
 def main() -> None:

@@ -15,6 +15,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mesh_agent import __version__
+
+if TYPE_CHECKING:
+    from mesh_agent.control import ConfigStore as ControlPlaneStore
+    from mesh_agent.discovery import ControlPlaneSource as ControlPlaneSourceT
 
 __all__ = ["build_parser", "main"]
 
@@ -41,6 +48,15 @@ def _listen_address(value: str) -> tuple[str, int]:
         return parse_address(value, allow_port_zero=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _http_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an http(s) URL")
+    return value
 
 
 def _otlp_endpoint(value: str) -> str:
@@ -148,6 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML or JSON config file, reloaded on change and on SIGHUP (MESH_AGENT_CONFIG)",
     )
     cfg.add_argument(
+        "--control-plane",
+        type=_http_url,
+        default=_env("CONTROL_PLANE"),
+        metavar="URL",
+        help="control plane to register with and take config from, e.g. http://console:8000 "
+        "(MESH_AGENT_CONTROL_PLANE); exclusive with --config",
+    )
+    cfg.add_argument(
+        "--token",
+        default=_env("TOKEN"),
+        metavar="TOKEN",
+        help="the mesh join token ('meshctl token show'); required with --control-plane "
+        "(MESH_AGENT_TOKEN)",
+    )
+    cfg.add_argument(
+        "--advertise",
+        type=_address,
+        default=_env("ADVERTISE"),
+        metavar="HOST:PORT",
+        help="address callers reach this instance's inbound listener at; needed when it "
+        "listens on 0.0.0.0 (MESH_AGENT_ADVERTISE)",
+    )
+    cfg.add_argument(
         "--state-dir",
         default=_env("STATE_DIR", _default_state_dir()),
         metavar="DIR",
@@ -208,6 +247,7 @@ async def _run(args: argparse.Namespace) -> int:
     from mesh_agent.admin import AdminServer
     from mesh_agent.balancer import EndpointRegistry
     from mesh_agent.control import ConfigStore, FileSource, initial_config
+    from mesh_agent.discovery import ControlPlaneSource
     from mesh_agent.proxy import Limits, Proxy
     from mesh_agent.telemetry import Telemetry
 
@@ -291,7 +331,16 @@ async def _run(args: argparse.Namespace) -> int:
         telemetry.shutdown()
         return 2
 
-    source = FileSource(args.config, store) if args.config else None
+    source: FileSource | ControlPlaneSource | None = None
+    if args.control_plane:
+        source = _control_plane_source(args, store, listeners.get("inbound"))
+        if source is None:
+            await admin.close()
+            await proxy.close()
+            telemetry.shutdown()
+            return 2
+    elif args.config:
+        source = FileSource(args.config, store)
     if source is not None:
         source.start()
     stop = asyncio.Event()
@@ -300,7 +349,7 @@ async def _run(args: argparse.Namespace) -> int:
     if source is not None:
         loop.add_signal_handler(signal.SIGHUP, source.trigger)
     else:
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: no --config"))
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: no config source"))
     log.info(
         "mesh-agent %s.%s (%s) listening: %s; config %s",
         args.service,
@@ -319,8 +368,36 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control_plane_source(
+    args: argparse.Namespace, store: ControlPlaneStore, inbound: str | None
+) -> ControlPlaneSourceT | None:
+    from mesh_agent.discovery import ControlPlaneSource, stable_agent_id
+    from mesh_agent.protocol import AgentRegistration
+
+    address = f"{args.advertise[0]}:{args.advertise[1]}" if args.advertise else inbound
+    if address is not None and address.rsplit(":", 1)[0] in ("0.0.0.0", "[::]", "::"):
+        log.error("the inbound listener is on %s: give --advertise HOST:PORT", address)
+        return None
+    registration = AgentRegistration(
+        agent_id=stable_agent_id(args.namespace, args.service, args.version, address),
+        service=args.service,
+        namespace=args.namespace,
+        version=args.version,
+        address=address,
+        agent_version=__version__,
+    )
+    return ControlPlaneSource(
+        store, url=args.control_plane, token=args.token, registration=registration
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.control_plane and args.config:
+        parser.error("--config and --control-plane are exclusive: choose one config source")
+    if args.control_plane and not args.token:
+        parser.error("--control-plane needs --token (or MESH_AGENT_TOKEN)")
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -436,7 +436,8 @@ class AgentRegistration(_Model):
     service: str
     namespace: str = "default"
     version: str
-    address: str
+    # None for an agent without an inbound listener (a caller only): it gets config, no traffic.
+    address: str | None = None
     agent_version: Annotated[str, Field(max_length=63)] = ""
 
     @field_validator("service", "namespace")
@@ -455,7 +456,9 @@ class AgentRegistration(_Model):
 
     @field_validator("address")
     @classmethod
-    def _endpoint(cls, v: str) -> str:
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         host, _ = parse_address(v)
         if v.endswith("\n"):
             raise ValueError(f"{v!r} is not host:port")

@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, selectinload
 
@@ -318,17 +318,18 @@ class PushHub:
             return
         with self.database.session(write=True) as session:
             if dirty:
+                # Core statements on the tables (not the ORM entities): one executemany.
+                agents = cast(Table, Agent.__table__)
                 session.execute(
-                    update(Agent)
-                    .where(Agent.agent_id == bindparam("b_agent_id"))
+                    update(agents)
+                    .where(agents.c.agent_id == bindparam("b_agent_id"))
                     .values(
                         last_seen_at=bindparam("b_last_seen"),
                         sent_version=bindparam("b_sent"),
                         acked_version=bindparam("b_acked"),
                         nacked_version=bindparam("b_nacked"),
                         last_error=bindparam("b_error"),
-                    )
-                    .execution_options(synchronize_session=False),
+                    ),
                     [
                         {
                             "b_agent_id": s.agent_id,
@@ -343,11 +344,11 @@ class PushHub:
                 )
                 seen = [s for s in dirty if s.instance_id is not None]
                 if seen:
+                    instances = cast(Table, Instance.__table__)
                     session.execute(
-                        update(Instance)
-                        .where(Instance.id == bindparam("b_id"))
-                        .values(last_seen_at=bindparam("b_seen"))
-                        .execution_options(synchronize_session=False),
+                        update(instances)
+                        .where(instances.c.id == bindparam("b_id"))
+                        .values(last_seen_at=bindparam("b_seen")),
                         [{"b_id": s.instance_id, "b_seen": s.last_seen_at} for s in seen],
                     )
             for progress in moved:

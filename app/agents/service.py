@@ -13,7 +13,7 @@ from app.agents.models import Agent
 from app.agents.schemas import AgentRead
 from app.agents.status import AgentState, SyncState
 from app.catalog import service as catalog
-from app.catalog.models import Service
+from app.catalog.models import Instance, Service
 from app.catalog.schemas import InstanceCreate, ServiceCreate, VersionCreate
 from app.changes import touched
 from app.db import utcnow
@@ -53,6 +53,41 @@ def register(session: Session, data: AgentRegistration) -> AgentState:
             data=VersionCreate(name=data.version),
             reason=reason,
         )
+        session.expire(service, ["versions", "instances"])
+        service = catalog.get_service(session, data.namespace, data.service)
+    instance_id = None
+    now = utcnow()
+    if data.address is not None:  # an agent without an inbound listener takes no traffic
+        instance_id = _ensure_instance(session, actor, service, data, reason).id
+    agent = session.scalar(select(Agent).where(Agent.agent_id == data.agent_id))
+    if agent is None:
+        agent = Agent(agent_id=data.agent_id, registered_at=now)
+        session.add(agent)
+    moved = (agent.namespace, agent.service) if agent.service else None
+    agent.namespace, agent.service, agent.version = data.namespace, data.service, data.version
+    agent.address, agent.agent_version = data.address or "", data.agent_version
+    agent.instance_id, agent.last_seen_at = instance_id, now
+    session.flush()
+    if moved and moved != (data.namespace, data.service):
+        touched(session, *moved)
+    touched(session, data.namespace, data.service)
+    return AgentState(
+        agent_id=agent.agent_id,
+        namespace=agent.namespace,
+        service=agent.service,
+        version=agent.version,
+        address=agent.address,
+        agent_version=agent.agent_version,
+        instance_id=instance_id,
+        registered_at=agent.registered_at,
+        last_seen=now.timestamp(),
+    )
+
+
+def _ensure_instance(
+    session: Session, actor: str, service: Service, data: AgentRegistration, reason: str
+) -> Instance:
+    assert data.address is not None
     instance = next((i for i in service.instances if i.address == data.address), None)
     if instance is not None and instance.version != data.version:
         catalog.delete_instance(
@@ -73,31 +108,8 @@ def register(session: Session, data: AgentRegistration) -> AgentState:
             data=InstanceCreate(address=data.address, version=data.version, health="healthy"),
             reason=reason,
         )
-    now = utcnow()
-    instance.last_seen_at = now
-    agent = session.scalar(select(Agent).where(Agent.agent_id == data.agent_id))
-    if agent is None:
-        agent = Agent(agent_id=data.agent_id, registered_at=now)
-        session.add(agent)
-    moved = (agent.namespace, agent.service) if agent.service else None
-    agent.namespace, agent.service, agent.version = data.namespace, data.service, data.version
-    agent.address, agent.agent_version = data.address, data.agent_version
-    agent.instance_id, agent.last_seen_at = instance.id, now
-    session.flush()
-    if moved and moved != (data.namespace, data.service):
-        touched(session, *moved)
-    touched(session, data.namespace, data.service)
-    return AgentState(
-        agent_id=agent.agent_id,
-        namespace=agent.namespace,
-        service=agent.service,
-        version=agent.version,
-        address=agent.address,
-        agent_version=agent.agent_version,
-        instance_id=instance.id,
-        registered_at=agent.registered_at,
-        last_seen=now.timestamp(),
-    )
+    instance.last_seen_at = utcnow()
+    return instance
 
 
 def deregister(session: Session, agent_id: str) -> None:
