@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.agents import api as agents_api
+from app.agents import web as agents_web
 from app.agents.hub import PushHub
 from app.audit import api as audit_api
 from app.audit import web as audit_web
@@ -29,6 +30,7 @@ from app.db import Database
 from app.errors import DomainError, InvalidError
 from app.middleware import SecurityHeadersMiddleware
 from app.policies import api as policies_api
+from app.policies import web as policies_web
 from app.web import render
 
 STATIC_DIR = REPO_ROOT / "static"
@@ -69,6 +71,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.include_router(audit_api.router)
     app.include_router(catalog_web.router, include_in_schema=False)
     app.include_router(audit_web.router, include_in_schema=False)
+    app.include_router(policies_web.router, include_in_schema=False)
+    app.include_router(agents_web.router, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/healthz", include_in_schema=False)
