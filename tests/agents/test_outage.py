@@ -27,11 +27,11 @@ def _set_connections(db_url: str, allowed: bool) -> None:
     admin.dispose()
 
 
+# The outage is simulated by refusing PostgreSQL connections (SQLite is a file: it has none).
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_database_outage_gives_503_and_agents_keep_their_stream(
     cp: TestClient, db_url: str
 ) -> None:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("an outage is simulated by refusing PostgreSQL connections")
     agent_id = cp.post("/api/v1/agents", json=registration("web", "v1", None)).json()["agent_id"]
     first = cp.post(
         f"/api/v1/agents/{agent_id}/discovery",
