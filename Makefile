@@ -1,4 +1,5 @@
-# The two commands: `make run` starts the console; `make test` runs every test and quality gate.
+# The two commands: `make run` starts the console with a living demo mesh; `make test` runs
+# every test and quality gate.
 # Both build their own virtual environment on first use, needing only Python 3.11 and pip.
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/meshctl serve
+	$(BIN)/meshctl demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

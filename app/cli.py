@@ -121,37 +121,26 @@ def demo(
     port: Annotated[
         int | None, typer.Option(min=1, max=65535, help="Port to listen on [MESH_PORT].")
     ] = None,
+    rps: Annotated[
+        float, typer.Option(min=0.1, max=200, help="Requests per second of demo traffic.")
+    ] = 8.0,
 ) -> None:
-    """Serve the console with a sample catalog (its own database, data/demo.db, unless
-    MESH_DATABASE_URL is set)."""
-    import uvicorn
-
-    from app.db import Database, session_scope
-    from app.demo import seed_demo_catalog
-    from app.main import create_app
+    """A living mesh on this machine: the console, eight demo services each behind its own
+    mesh-agent, and gentle traffic. Its own database (data/demo/), fresh on every run unless
+    MESH_DATABASE_URL is set. Ctrl-C stops everything."""
+    from app.demo.runner import DemoError, run_demo
 
     settings = _load_settings(host=host, port=port)
-    if not settings.database_url:
-        settings = settings.model_copy(
-            update={"database_url": f"sqlite:///{settings.data_dir / 'demo.db'}"}
+    try:
+        code = run_demo(
+            settings,
+            rps=rps,
+            echo=lambda text: typer.echo(text, err=True),
+            prepare_database=_prepare_database,
         )
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    _prepare_database(settings)
-    database = Database(settings.effective_database_url)
-    for session in session_scope(database, write=True):
-        created = seed_demo_catalog(session)
-    typer.echo(
-        f"demo catalog: {created} services created" if created else "demo catalog: already there",
-        err=True,
-    )
-    typer.echo(f"mesh console on http://{settings.host}:{settings.port}", err=True)
-    uvicorn.run(
-        create_app(settings, database),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        server_header=False,
-    )
+    except DemoError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
 
 
 @db_cli.command("upgrade")

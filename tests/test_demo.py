@@ -1,4 +1,4 @@
-"""The demo catalog is written through the service layer and only once."""
+"""The demo's catalog is written through the service layer, once, with its canary."""
 
 from __future__ import annotations
 
@@ -6,19 +6,26 @@ from fastapi.testclient import TestClient
 
 from app.audit.service import verify_chain
 from app.db import Database, session_scope
-from app.demo import seed_demo_catalog
+from app.demo.seed import seed_demo_catalog
+from app.demo.topology import SERVICES
 
 
 def test_demo_seeds_once_and_is_audited(database: Database, client: TestClient) -> None:
     for session in session_scope(database, write=True):
-        assert seed_demo_catalog(session) > 0
+        assert seed_demo_catalog(session) == len(SERVICES) + 1
     for session in session_scope(database, write=True):
         assert seed_demo_catalog(session) == 0
 
-    reviews = client.get("/api/v1/services/reviews", params={"namespace": "bookinfo"}).json()
-    assert [v["name"] for v in reviews["versions"]] == ["v1", "v2"]
-    assert len(reviews["instances"]) == 2
+    catalog = client.get("/api/v1/services/catalog", params={"namespace": "shop"}).json()
+    assert [v["name"] for v in catalog["versions"]] == ["v1", "v2"]
+    frontend = client.get("/api/v1/services/frontend", params={"namespace": "shop"}).json()
+    assert frontend["dependencies"] == ["catalog", "checkout", "recommendations"]
+    traffic = client.get("/api/v1/services/catalog/traffic", params={"namespace": "shop"}).json()
+    assert traffic["spec"]["routes"][0]["backends"] == [
+        {"version": "v1", "weight": 90},
+        {"version": "v2", "weight": 10},
+    ]
     with database.session(write=False) as session:
         assert verify_chain(session).ok
-    page = client.get("/services", params={"namespace": "bookinfo"})
-    assert "productpage" in page.text
+    page = client.get("/services", params={"namespace": "shop"})
+    assert "recommendations" in page.text

@@ -1,0 +1,1 @@
+"""``meshctl demo``: a living mesh on this machine (see :mod:`app.demo.runner`)."""
