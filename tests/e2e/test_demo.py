@@ -1,0 +1,135 @@
+"""``meshctl demo`` as a newcomer runs it: everything comes up connected, a canary shift reaches
+every agent, Ctrl-C leaves no process behind and frees the ports, and a second run starts
+cleanly. A taken port is reported and nothing is left running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.demo.topology import SERVICES
+from tests.e2e.mesh import MESHCTL, free_port, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+AGENTS = sum(len(s.versions) for s in SERVICES) + 1  # + the load generator's
+
+
+def processes_mentioning(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (our temp folder)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+class Demo:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "MESH_DATA_DIR": str(tmp / "data"), "MESH_PORT": str(self.port)}
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [*MESHCTL, "demo", "--rps", "20"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def synced(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"demo exited: {self.proc.stdout.read() if self.proc.stdout else ''}"
+            )
+        counts = httpx.get(self.url + "/api/v1/agents", timeout=2).json()["counts"]
+        return bool(counts["SYNCED"] == AGENTS)
+
+    def stop(self) -> str:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=60)
+        code = self.proc.returncode
+        self.proc = None
+        assert code == 0, out
+        return out
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[Demo]:
+    d = Demo(tmp_path)
+    yield d
+    d.kill()
+    deadline = time.monotonic() + 20  # children die with the runner (parent-death signal)
+    while processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_the_demo_comes_up_converges_and_stops_cleanly(demo: Demo) -> None:
+    demo.start()
+    wait_until(demo.synced, 120, f"{AGENTS} agents SYNCED")
+    canary = subprocess.run(
+        [*MESHCTL, "canary", "catalog", "-n", "shop", "--weights", "v1=50,v2=50",
+         "--reason", "more canary", "--server", demo.url],
+        env=demo.env, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert canary.returncode == 0, canary.stderr
+    assert f"{AGENTS}/{AGENTS} agents synced in" in canary.stdout
+
+    out = demo.stop()
+    assert "console  " + demo.url in out
+    assert processes_mentioning(str(demo.tmp)) == []
+    with (
+        socket.socket() as s
+    ):  # the console's port is free again (TIME_WAIT aside, as servers bind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", demo.port))
+
+    # A second run starts from a fresh mesh, not from the first run's leftovers.
+    demo.start()
+    wait_until(demo.synced, 120, "second run SYNCED")
+    assert httpx.get(demo.url + "/api/v1/agents").json()["total"] == AGENTS
+    changes = httpx.get(demo.url + "/api/v1/services/catalog/changes", params={"namespace": "shop"})
+    assert [c["summary"] for c in changes.json()] == ["v1 90 %, v2 10 %"]
+    demo.stop()
+    assert processes_mentioning(str(demo.tmp)) == []
+
+
+def test_a_taken_port_is_reported_and_nothing_is_left_running(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "MESH_DATA_DIR": str(tmp_path / "data"), "MESH_PORT": str(port)}
+        result = subprocess.run(
+            [sys.executable, "-c", "from app.cli import main; main()", "demo"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert f"port {port}" in result.stderr
+    assert "already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert processes_mentioning(str(tmp_path)) == []
