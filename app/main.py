@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import metrics
 from app.audit import api as audit_api
 from app.audit import web as audit_web
 from app.catalog import api as catalog_api
@@ -24,6 +25,9 @@ from app.config import REPO_ROOT, Settings, get_settings
 from app.db import Database
 from app.errors import DomainError
 from app.middleware import SecurityHeadersMiddleware
+from app.telemetry import api as telemetry_api
+from app.telemetry import web as telemetry_web
+from app.telemetry.retention import Pruner
 from app.web import render
 
 STATIC_DIR = REPO_ROOT / "static"
@@ -36,7 +40,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        pruner = Pruner(database, settings)
+        pruner.start()
         yield
+        pruner.stop()
         if owns_database:
             database.dispose()
 
@@ -55,6 +62,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.include_router(audit_api.router)
     app.include_router(catalog_web.router, include_in_schema=False)
     app.include_router(audit_web.router, include_in_schema=False)
+    app.include_router(telemetry_api.receiver)
+    app.include_router(telemetry_api.router)
+    app.include_router(telemetry_web.router, include_in_schema=False)
+    app.include_router(metrics.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/healthz", include_in_schema=False)

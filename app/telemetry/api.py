@@ -1,0 +1,264 @@
+"""OTLP/HTTP receiver (``/v1/traces``, ``/v1/metrics``) and the traces JSON API.
+
+The receiver's routes are async only to read the body and apply the guards without a thread;
+decoding and the database write run in ingest's own worker threads (see ``throttle``).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.responses import Response
+from google.rpc.status_pb2 import Status
+
+from app import metrics
+from app.config import Settings
+from app.db import Database, session_scope
+from app.deps import SessionDep
+from app.telemetry import ingest, otlp, traces
+from app.telemetry.schemas import TraceList, TraceRead
+from app.telemetry.throttle import ClientRateLimiter, IngestSlots
+
+__all__ = ["receiver", "require_ingest_auth", "router"]
+
+Signal = Literal["traces", "metrics"]
+TRACE_ID_PATTERN = r"^[0-9a-fA-F]{32}$"
+DEFAULT_LOOKBACK = timedelta(hours=1)
+# The route-level cap only lifts the console's 1 MiB default; MESH_OTLP_MAX_BYTES is enforced
+# while the body streams in (and again after gunzip).
+_ROUTE_BODY_CEILING = 1 << 30
+
+
+async def require_ingest_auth(request: Request) -> None:
+    """Who may send telemetry. Admits everyone for now; at merge this checks the agents' join
+    token (``Authorization: Bearer …``) and raises 401 otherwise."""
+    return None
+
+
+receiver = APIRouter(tags=["otlp"], dependencies=[Depends(require_ingest_auth)])
+router = APIRouter(prefix="/api/v1/traces", tags=["traces"])
+
+_OTLP_DOC = (
+    "OTLP/HTTP export request, `application/x-protobuf` or `application/json` (OTLP JSON: hex "
+    "ids), optionally `Content-Encoding: gzip`. 400: not a valid request (nothing stored); "
+    "413: larger than MESH_OTLP_MAX_BYTES before or after gunzip; 415: other content type or "
+    "encoding; 429: this client sends too fast (see Retry-After); 503: ingest is saturated."
+)
+
+
+@receiver.post(
+    "/v1/traces",
+    summary="Receive spans (OTLP/HTTP)",
+    description=_OTLP_DOC,
+    max_body_size=_ROUTE_BODY_CEILING,
+    response_class=Response,
+)
+async def export_traces(request: Request) -> Response:
+    return await _receive(request, "traces")
+
+
+@receiver.post(
+    "/v1/metrics",
+    summary="Receive RED metrics (OTLP/HTTP, mesh.request.duration delta histograms)",
+    description=_OTLP_DOC + " See docs/telemetry.md for the metric and its attributes.",
+    max_body_size=_ROUTE_BODY_CEILING,
+    response_class=Response,
+)
+async def export_metrics(request: Request) -> Response:
+    return await _receive(request, "metrics")
+
+
+class _ReceiverState:
+    def __init__(self, settings: Settings) -> None:
+        self.limiter = ClientRateLimiter(settings.otlp_rate_per_s, settings.otlp_burst)
+        self.slots = IngestSlots(settings.otlp_max_concurrent, settings.otlp_max_waiting)
+
+
+def _state(request: Request) -> _ReceiverState:
+    state: _ReceiverState | None = getattr(request.app.state, "otlp_receiver", None)
+    if state is None:  # created on first use, on the event loop thread: no race
+        state = request.app.state.otlp_receiver = _ReceiverState(request.app.state.settings)
+    return state
+
+
+async def _receive(request: Request, signal: Signal) -> Response:
+    settings: Settings = request.app.state.settings
+    database: Database = request.app.state.database
+    state = _state(request)
+    key = ClientRateLimiter.client_key(
+        request.headers.get("authorization"), request.client.host if request.client else None
+    )
+    wait = state.limiter.acquire(key)
+    if wait > 0:
+        metrics.OTLP_REJECTED.labels(signal, "rate_limited").inc()
+        return _error(
+            None,
+            429,
+            "too many requests from this client; retry later",
+            {"Retry-After": ClientRateLimiter.retry_after(wait)},
+        )
+    encoding: otlp.Encoding | None = None
+    try:
+        encoding = otlp.media_type(request.headers.get("content-type"))
+        body = await _read_body(request, settings.otlp_max_bytes)
+        if state.slots.full:
+            metrics.OTLP_REJECTED.labels(signal, "busy").inc()
+            return _error(encoding, 503, "ingest is saturated; retry later", {"Retry-After": "1"})
+        work = partial(
+            _ingest,
+            database,
+            settings,
+            signal,
+            body,
+            encoding,
+            request.headers.get("content-encoding"),
+        )
+        content = await anyio.to_thread.run_sync(work, limiter=state.slots.limiter)
+    except otlp.OtlpError as exc:
+        metrics.OTLP_REJECTED.labels(signal, exc.reason).inc()
+        return _error(encoding, exc.status, exc.message)
+    return Response(content, media_type=encoding)
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise otlp.OtlpError(413, f"body larger than {max_bytes} bytes", "too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise otlp.OtlpError(413, f"body larger than {max_bytes} bytes", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _ingest(
+    database: Database,
+    settings: Settings,
+    signal: Signal,
+    body: bytes,
+    encoding: otlp.Encoding,
+    content_encoding: str | None,
+) -> bytes:
+    """Decode and store one request (in an ingest worker thread); the response body."""
+    started = time.perf_counter()
+    data = otlp.decompress(body, content_encoding, settings.otlp_max_bytes)
+    transaction = contextmanager(session_scope)
+    if signal == "traces":
+        request = otlp.decode_traces(data, encoding)
+        rows = ingest.span_rows(
+            request,
+            max_attribute_bytes=settings.span_attributes_max_bytes,
+            received_at=datetime.now(UTC),
+        )
+        metrics.SPANS_RECEIVED.inc(len(rows))
+        if rows:
+            with transaction(database, write=True) as session:
+                ingest.store_spans(session, rows)
+            metrics.SPANS_STORED.inc(len(rows))
+        response = otlp.encode_response(encoding, "traces")
+    else:
+        metric_request = otlp.decode_metrics(data, encoding)
+        batch = ingest.rollup_deltas(metric_request, now_ns=time.time_ns())
+        metrics.METRIC_POINTS_RECEIVED.inc(batch.points)
+        if batch.deltas:
+            with transaction(database, write=True) as session:
+                ingest.add_to_rollups(session, batch.deltas)
+        metrics.METRIC_POINTS_STORED.inc(batch.stored)
+        rejected = batch.points - batch.stored
+        response = otlp.encode_response(encoding, "metrics", rejected, batch.message)
+    metrics.INGEST_SECONDS.labels(signal).observe(time.perf_counter() - started)
+    return response
+
+
+def _error(
+    encoding: otlp.Encoding | None,
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """OTLP's error body: a google.rpc.Status in the request's encoding (JSON when unknown)."""
+    if encoding == otlp.PROTOBUF:
+        body = Status(code=_GRPC_CODES.get(status, 2), message=message).SerializeToString()
+        return Response(body, status_code=status, media_type=otlp.PROTOBUF, headers=headers)
+    from google.protobuf import json_format
+
+    status_message = Status(code=_GRPC_CODES.get(status, 2), message=message)
+    return Response(
+        json_format.MessageToJson(status_message, indent=None),
+        status_code=status,
+        media_type=otlp.JSON,
+        headers=headers,
+    )
+
+
+# HTTP status → gRPC code, for the Status body (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, …).
+_GRPC_CODES = {400: 3, 413: 8, 415: 3, 429: 8, 503: 14}
+
+
+# ---------------------------------------------------------------------------------------------
+# Traces API
+
+
+@router.get("", response_model=TraceList, summary="Search traces, newest first")
+def list_traces(
+    session: SessionDep,
+    service: Annotated[
+        str | None, Query(max_length=63, description="A span of this service")
+    ] = None,
+    operation: Annotated[
+        str | None, Query(max_length=255, description="A span with this name")
+    ] = None,
+    error: Annotated[
+        bool | None, Query(description="true: a matching span failed; false: one succeeded")
+    ] = None,
+    min_duration_ms: Annotated[
+        float | None, Query(ge=0, description="A matching span took at least this long")
+    ] = None,
+    since: Annotated[
+        datetime | None, Query(description="Inclusive, ISO 8601; default one hour ago")
+    ] = None,
+    until: Annotated[datetime | None, Query(description="Exclusive, ISO 8601")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+) -> TraceList:
+    items = traces.search_traces(
+        session,
+        service=service or None,
+        operation=operation or None,
+        error=error,
+        min_duration_ms=min_duration_ms,
+        since=_aware(since) or datetime.now(UTC) - DEFAULT_LOOKBACK,
+        until=_aware(until),
+        limit=limit,
+    )
+    return TraceList(items=items, limit=limit)
+
+
+@router.get(
+    "/{trace_id}",
+    response_model=TraceRead,
+    summary="All spans of one trace",
+    responses={404: {"description": "No span of this trace is stored"}},
+)
+def read_trace(
+    session: SessionDep,
+    trace_id: Annotated[str, Path(pattern=TRACE_ID_PATTERN, description="32 hex digits")],
+) -> TraceRead:
+    trace = traces.get_trace(session, trace_id)
+    if trace is None:
+        raise HTTPException(404, f"no trace {trace_id.lower()} is stored")
+    return trace
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
