@@ -238,4 +238,4 @@ def test_skewed_trace_page_says_so(client: TestClient) -> None:
     send(client, "edge", [span(9, 91, None, "GET /", 100, 200)], base)
     send(client, "skewed", [span(9, 92, 91, "work", 50, 150)], base)
     text = client.get(f"/traces/{9:032x}").text
-    assert "Clock skew" in text and "⧗ clock skew" in text
+    assert "Clock skew" in text and "⚠ clock skew" in text
