@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     """OTLP requests decoded and stored at once; the rest wait, so the console keeps its threads."""
     otlp_max_waiting: int = Field(default=64, ge=0)
     """OTLP requests allowed to wait for a slot; beyond it they get 503 with Retry-After."""
+    otlp_store: bool = True
+    """False: decode and validate OTLP requests but store nothing (benchmark peer, dry runs)."""
     span_attributes_max_bytes: int = Field(default=4096, ge=256)
     """Attributes stored per span, as JSON; the rest are dropped and the span is marked."""
     span_retention_hours: float = Field(default=72.0, gt=0)

@@ -160,7 +160,7 @@ def _ingest(
             received_at=datetime.now(UTC),
         )
         metrics.SPANS_RECEIVED.inc(len(rows))
-        if rows:
+        if rows and settings.otlp_store:
             with transaction(database, write=True) as session:
                 ingest.store_spans(session, rows)
             metrics.SPANS_STORED.inc(len(rows))
@@ -169,10 +169,10 @@ def _ingest(
         metric_request = otlp.decode_metrics(data, encoding)
         batch = ingest.rollup_deltas(metric_request, now_ns=time.time_ns())
         metrics.METRIC_POINTS_RECEIVED.inc(batch.points)
-        if batch.deltas:
+        if batch.deltas and settings.otlp_store:
             with transaction(database, write=True) as session:
                 ingest.add_to_rollups(session, batch.deltas)
-        metrics.METRIC_POINTS_STORED.inc(batch.stored)
+            metrics.METRIC_POINTS_STORED.inc(batch.stored)
         rejected = batch.points - batch.stored
         response = otlp.encode_response(encoding, "metrics", rejected, batch.message)
     metrics.INGEST_SECONDS.labels(signal).observe(time.perf_counter() - started)

@@ -16,15 +16,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import Table, func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from app.telemetry import histogram
@@ -136,37 +137,96 @@ def ingest_traces(
 def store_spans(session: Session, rows: list[dict[str, Any]]) -> None:
     """One multi-row INSERT; a span sent twice (an exporter retrying after a lost response)
     is stored once."""
-    if rows:
-        statement = _insert(session, Span).on_conflict_do_nothing(
+    if not rows:
+        return
+    # On the connection, not the session: a Session given an ORM entity's INSERT takes the
+    # ORM bulk path, which here sent one statement per row (~20x slower, measured).
+    connection = session.connection()
+    if connection.dialect.name == "sqlite":
+        _store_spans_sqlite(connection, rows)
+        return
+    statement = _insert(session, Span).on_conflict_do_nothing(
+        index_elements=["trace_id", "span_id"]
+    )
+    connection.execute(statement, rows)
+
+
+_SPAN_COLUMNS = tuple(c.name for c in Span.__table__.columns if c.name != "id")
+
+
+def _store_spans_sqlite(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """The same INSERT … ON CONFLICT DO NOTHING, compiled by SQLAlchemy once, executed with
+    positional tuples: per-row parameter processing was half the cost of storing a span on
+    SQLite (measured). The two columns that need a conversion get the columns' own one."""
+    dialect = connection.dialect
+    table = cast(Table, Span.__table__)
+    compiled = _SQLITE_SPAN_INSERT.get(id(dialect))
+    if compiled is None:
+        statement = sqlite.insert(table).on_conflict_do_nothing(
             index_elements=["trace_id", "span_id"]
         )
-        session.execute(statement, rows)
+        compiled = statement.compile(dialect=dialect, column_keys=list(_SPAN_COLUMNS))
+        _SQLITE_SPAN_INSERT[id(dialect)] = compiled
+    order = compiled.positiontup
+    assert order is not None
+    received = table.c.received_at.type.bind_processor(dialect) or _identity
+    attributes_at = order.index("attributes")
+    received_at = order.index("received_at")
+    params = []
+    for row in rows:
+        values = [row[name] for name in order]
+        values[attributes_at] = _json_dumps(values[attributes_at])
+        values[received_at] = received(values[received_at])
+        params.append(tuple(values))
+    connection.exec_driver_sql(str(compiled), params)
+
+
+_SQLITE_SPAN_INSERT: dict[int, Any] = {}
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _bounded_attributes(pairs: Sequence[Any], max_bytes: int) -> dict[str, Any]:
     """Attributes as a dict of at most about ``max_bytes`` of JSON: long strings are cut, and
-    past the budget the remaining keys are dropped and ``mesh.truncated`` says so."""
+    past the budget the remaining keys are dropped and ``mesh.truncated`` says so.
+
+    Written for speed (it runs for every attribute of every span): scalar values are read
+    straight off the protobuf, only nested values take the general path."""
     out: dict[str, Any] = {}
     budget = max_bytes
     longest = max(64, max_bytes // 4)
     for kv in pairs:
-        value = any_value(kv.value)
-        if isinstance(value, str):
+        key = kv.key
+        wrapped = kv.value
+        kind = wrapped.WhichOneof("value")
+        value: Any
+        if kind == "string_value":
+            value = wrapped.string_value
             if len(value) > longest:
                 value = value[:longest] + "…"
-            cost = len(kv.key) + len(value) + 8
-        elif isinstance(value, list | dict):
-            encoded = json.dumps(value, default=str)
-            if len(encoded) > longest:
-                value = encoded[:longest] + "…"
-            cost = len(kv.key) + min(len(encoded), longest) + 8
+            budget -= len(key) + len(value) + 8
+        elif kind == "int_value" or kind == "bool_value" or kind == "double_value":
+            value = getattr(wrapped, kind)
+            budget -= len(key) + 24
         else:
-            cost = len(kv.key) + 24
-        budget -= cost
+            value = any_value(wrapped)
+            if isinstance(value, list | dict):
+                encoded = json.dumps(value, default=str)
+                if len(encoded) > longest:
+                    value = encoded[:longest] + "…"
+                budget -= len(key) + min(len(encoded), longest) + 8
+            else:
+                budget -= len(key) + (len(value) if isinstance(value, str) else 24)
         if budget < 0:
             out["mesh.truncated"] = True
             break
-        out[kv.key[:255]] = value
+        out[key if len(key) <= 255 else key[:255]] = value
     return out
 
 
@@ -420,7 +480,7 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
             for name in ("requests", "failures", "latency_sum_ms", "latency_counts")
         },
     )
-    session.execute(statement, rows)
+    session.connection().execute(statement, rows)
 
 
 def _point_count(metric: Any, data: str | None) -> int:
@@ -430,9 +490,10 @@ def _point_count(metric: Any, data: str | None) -> int:
 
 
 def _insert(session: Session, model: type[Span] | type[EdgeRollup]) -> Any:
+    table = cast(Table, model.__table__)
     if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(model)
-    return sqlite.insert(model)
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 def _now() -> datetime:
