@@ -27,6 +27,7 @@ from app.errors import DomainError
 from app.middleware import SecurityHeadersMiddleware
 from app.telemetry import api as telemetry_api
 from app.telemetry import web as telemetry_web
+from app.telemetry.receiver import Receiver
 from app.telemetry.retention import Pruner
 from app.web import render
 
@@ -40,10 +41,12 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        receiver = _app.state.otlp_receiver = Receiver(database, settings)
         pruner = Pruner(database, settings)
         pruner.start()
         yield
         pruner.stop()
+        receiver.close()
         if owns_database:
             database.dispose()
 

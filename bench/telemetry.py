@@ -13,7 +13,7 @@ Rows:
   issue's reference: an OpenTelemetry Collector does about 12,000 spans/s per core.
 - catalog p95: ``GET /services`` (1,000 seeded services) sequentially on one connection, at rest
   and again while the span ingest above runs. Target: during <= 2x at rest.
-- agent metrics: ``--agents`` simulated agents, each posting the agent's own OTLP JSON (built by
+- agent metrics: ``--agents`` simulated agents, each posting the agent's own OTLP protobuf (built by
   ``mesh_agent.metrics_export``: 3 edges x 2 status classes) every 10 s, i.e. agents/10 requests
   per second, open loop, for ``--metrics-seconds``. Reports metric points/s and the server's CPU
   share (100 % = one core). Target: ≤ 10 % of one core for 1,000 agents.
@@ -124,7 +124,7 @@ def span_batches(count: int, seed: int = 1) -> list[bytes]:
 
 
 def agent_bodies(agents: int) -> list[bytes]:
-    """One OTLP JSON metrics request per agent, made by the agent's own exporter."""
+    """One OTLP metrics request per agent, encoded by the agent's own exporter."""
     bodies = []
     for a in range(agents):
         telemetry = Telemetry(
@@ -337,7 +337,7 @@ def measure_metrics(
     total = int(rate * seconds)
     statuses: dict[int, int] = {}
     with serve(url, workdir) as (port, pid):
-        post_all(port, bodies[:2], 1, "/v1/metrics", "application/json")  # warm up
+        post_all(port, bodies[:2], 1, "/v1/metrics", "application/x-protobuf")  # warm up
         connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(4)]
         cpu0 = cpu_seconds(pid)
         began = time.perf_counter()
@@ -352,7 +352,7 @@ def measure_metrics(
                 "/v1/metrics",
                 body=bodies[i % len(bodies)],
                 headers={
-                    "Content-Type": "application/json",
+                    "Content-Type": "application/x-protobuf",
                     "Authorization": f"Bearer agent-{i % len(bodies)}",
                 },
             )

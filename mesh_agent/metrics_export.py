@@ -1,10 +1,11 @@
-"""RED metrics to the control plane: OTLP/HTTP JSON delta histograms every few seconds.
+"""RED metrics to the control plane: OTLP/HTTP protobuf delta histograms every few seconds.
 
 Every ``interval_s`` the exporter copies the agent's cumulative counters (:meth:`Telemetry.
 counters`), subtracts the copy it took last time and POSTs the difference as one OTLP metrics
 request. Nothing of this runs on the request path: the proxy keeps incrementing plain lists;
 the copy is a handful of C-level list copies, the encoding and the POST happen in a worker
-thread.
+thread. Protobuf rather than JSON: the receiver decodes it in C (JSON costs it ~50x more CPU per
+request, measured), and the agent loads the same types for its span exporter anyway.
 
 A failed export keeps its delta and adds the next one to it, so a control plane that is away
 for a while loses nothing; past ``max_backlog_s`` the backlog is dropped (and logged), because
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -90,7 +90,14 @@ class MetricsExporter:
             raise ValueError("interval_s must be > 0")
         self.telemetry = telemetry
         self.url = metrics_url(endpoint)
-        self.headers = {"Content-Type": "application/json", **dict(headers or {})}
+        self.headers = {"Content-Type": "application/x-protobuf", **dict(headers or {})}
+        # The span exporter has loaded protobuf and these types already whenever there is an
+        # endpoint; imported here so an agent without one never pays for them.
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceRequest,
+        )
+
+        self._message_type = ExportMetricsServiceRequest
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.max_backlog_ns = int(max_backlog_s * 1e9)
@@ -130,64 +137,51 @@ class MetricsExporter:
                     into[i] += delta[i]
 
     def encode(self, end_ns: int) -> bytes:
-        """The pending delta as an OTLP JSON ExportMetricsServiceRequest."""
+        """The pending delta as a protobuf ExportMetricsServiceRequest."""
         telemetry = self.telemetry
         own = (telemetry.service, telemetry.version)
-        start = str(self._pending_since)
-        end = str(end_ns)
-        points = []
+        request = self._message_type()
+        resource_metrics = request.resource_metrics.add()
+        for key, value in (
+            ("service.name", telemetry.service),
+            ("service.namespace", telemetry.namespace),
+            ("service.version", telemetry.version),
+        ):
+            attribute = resource_metrics.resource.attributes.add()
+            attribute.key = key
+            attribute.value.string_value = value
+        scope_metrics = resource_metrics.scope_metrics.add()
+        scope_metrics.scope.name = "mesh_agent"
+        metric = scope_metrics.metrics.add()
+        metric.name = METRIC_NAME
+        metric.unit = "ms"
+        metric.histogram.aggregation_temporality = _DELTA
+        points = metric.histogram.data_points
         for (source, destination, dest_version, status_class), series in self._pending.items():
             reporter = (
                 "destination"
                 if (destination, dest_version) == own and source != telemetry.service
                 else "source"
             )
-            points.append(
-                {
-                    "attributes": [
-                        _attr("mesh.reporter", reporter),
-                        _attr("mesh.source.service", source),
-                        _attr("mesh.destination.service", destination),
-                        _attr("mesh.destination.version", dest_version),
-                        _attr("mesh.status_class", status_class),
-                    ],
-                    "startTimeUnixNano": start,
-                    "timeUnixNano": end,
-                    "count": str(series[0]),
-                    "sum": series[1] * 1000.0,
-                    "bucketCounts": [str(c) for c in series[2:]],
-                    "explicitBounds": _BOUNDS,
-                }
-            )
-        document = {
-            "resourceMetrics": [
-                {
-                    "resource": {
-                        "attributes": [
-                            _attr("service.name", telemetry.service),
-                            _attr("service.namespace", telemetry.namespace),
-                            _attr("service.version", telemetry.version),
-                        ]
-                    },
-                    "scopeMetrics": [
-                        {
-                            "scope": {"name": "mesh_agent"},
-                            "metrics": [
-                                {
-                                    "name": METRIC_NAME,
-                                    "unit": "ms",
-                                    "histogram": {
-                                        "aggregationTemporality": _DELTA,
-                                        "dataPoints": points,
-                                    },
-                                }
-                            ],
-                        }
-                    ],
-                }
-            ]
-        }
-        return json.dumps(document, separators=(",", ":")).encode()
+            point = points.add()
+            for key, value in (
+                ("mesh.reporter", reporter),
+                ("mesh.source.service", source),
+                ("mesh.destination.service", destination),
+                ("mesh.destination.version", dest_version),
+                ("mesh.status_class", status_class),
+            ):
+                attribute = point.attributes.add()
+                attribute.key = key
+                attribute.value.string_value = value
+            point.start_time_unix_nano = self._pending_since
+            point.time_unix_nano = end_ns
+            point.count = series[0]
+            point.sum = series[1] * 1000.0
+            point.bucket_counts.extend(series[2:])
+            point.explicit_bounds.extend(_BOUNDS)
+        body: bytes = request.SerializeToString()
+        return body
 
     # -- exporting ------------------------------------------------------------------------
 
@@ -254,7 +248,3 @@ class MetricsExporter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.get_running_loop().run_in_executor(None, self.export)
-
-
-def _attr(key: str, value: str) -> dict[str, Any]:
-    return {"key": key, "value": {"stringValue": value}}

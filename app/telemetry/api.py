@@ -6,8 +6,8 @@ decoding and the database write run in ingest's own worker threads (see ``thrott
 
 from __future__ import annotations
 
+import asyncio
 import time
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Annotated, Literal
@@ -18,14 +18,13 @@ from fastapi.responses import Response
 from google.rpc.status_pb2 import Status
 
 from app import metrics
-from app.config import Settings
-from app.db import Database, session_scope
 from app.deps import SessionDep
-from app.telemetry import ingest, otlp, traces
+from app.telemetry import otlp, traces
+from app.telemetry.receiver import Receiver
 from app.telemetry.schemas import TraceList, TraceRead
-from app.telemetry.throttle import ClientRateLimiter, IngestSlots
+from app.telemetry.throttle import ClientRateLimiter
 
-__all__ = ["receiver", "require_ingest_auth", "router"]
+__all__ = ["receiver", "receiver_for", "require_ingest_auth", "router"]
 
 Signal = Literal["traces", "metrics"]
 TRACE_ID_PATTERN = r"^[0-9a-fA-F]{32}$"
@@ -74,27 +73,22 @@ async def export_metrics(request: Request) -> Response:
     return await _receive(request, "metrics")
 
 
-class _ReceiverState:
-    def __init__(self, settings: Settings) -> None:
-        self.limiter = ClientRateLimiter(settings.otlp_rate_per_s, settings.otlp_burst)
-        self.slots = IngestSlots(settings.otlp_max_concurrent, settings.otlp_max_waiting)
-
-
-def _state(request: Request) -> _ReceiverState:
-    state: _ReceiverState | None = getattr(request.app.state, "otlp_receiver", None)
-    if state is None:  # created on first use, on the event loop thread: no race
-        state = request.app.state.otlp_receiver = _ReceiverState(request.app.state.settings)
-    return state
+def receiver_for(request: Request) -> Receiver:
+    """The app's receiver (made at start-up; made here for an app run without its lifespan)."""
+    found: Receiver | None = getattr(request.app.state, "otlp_receiver", None)
+    if found is None:  # on the event loop thread: no race
+        found = Receiver(request.app.state.database, request.app.state.settings)
+        request.app.state.otlp_receiver = found
+    return found
 
 
 async def _receive(request: Request, signal: Signal) -> Response:
-    settings: Settings = request.app.state.settings
-    database: Database = request.app.state.database
-    state = _state(request)
+    receiver = receiver_for(request)
+    settings = receiver.settings
     key = ClientRateLimiter.client_key(
         request.headers.get("authorization"), request.client.host if request.client else None
     )
-    wait = state.limiter.acquire(key)
+    wait = receiver.limiter.acquire(key)
     if wait > 0:
         metrics.OTLP_REJECTED.labels(signal, "rate_limited").inc()
         return _error(
@@ -107,19 +101,26 @@ async def _receive(request: Request, signal: Signal) -> Response:
     try:
         encoding = otlp.media_type(request.headers.get("content-type"))
         body = await _read_body(request, settings.otlp_max_bytes)
-        if state.slots.full:
+        if receiver.slots.full:
             metrics.OTLP_REJECTED.labels(signal, "busy").inc()
             return _error(encoding, 503, "ingest is saturated; retry later", {"Retry-After": "1"})
-        work = partial(
-            _ingest,
-            database,
-            settings,
-            signal,
-            body,
-            encoding,
-            request.headers.get("content-encoding"),
-        )
-        content = await anyio.to_thread.run_sync(work, limiter=state.slots.limiter)
+        content_encoding = request.headers.get("content-encoding")
+        limiter = receiver.slots.limiter
+        if signal == "traces":
+            work = partial(receiver.store_traces, body, encoding, content_encoding)
+            content = await anyio.to_thread.run_sync(work, limiter=limiter)
+        else:
+            started = time.perf_counter()
+            decode = partial(receiver.decode_metrics, body, encoding, content_encoding)
+            batch = await anyio.to_thread.run_sync(decode, limiter=limiter)
+            if batch.deltas and settings.otlp_store:
+                # Waits for the commit without holding a thread (see receiver.RollupWriter).
+                await asyncio.wrap_future(receiver.writer.submit(batch.deltas))
+                metrics.METRIC_POINTS_STORED.inc(batch.stored)
+            metrics.INGEST_SECONDS.labels("metrics").observe(time.perf_counter() - started)
+            content = otlp.encode_response(
+                encoding, "metrics", batch.points - batch.stored, batch.message
+            )
     except otlp.OtlpError as exc:
         metrics.OTLP_REJECTED.labels(signal, exc.reason).inc()
         return _error(encoding, exc.status, exc.message)
@@ -138,45 +139,6 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
             raise otlp.OtlpError(413, f"body larger than {max_bytes} bytes", "too_large")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _ingest(
-    database: Database,
-    settings: Settings,
-    signal: Signal,
-    body: bytes,
-    encoding: otlp.Encoding,
-    content_encoding: str | None,
-) -> bytes:
-    """Decode and store one request (in an ingest worker thread); the response body."""
-    started = time.perf_counter()
-    data = otlp.decompress(body, content_encoding, settings.otlp_max_bytes)
-    transaction = contextmanager(session_scope)
-    if signal == "traces":
-        request = otlp.decode_traces(data, encoding)
-        rows = ingest.span_rows(
-            request,
-            max_attribute_bytes=settings.span_attributes_max_bytes,
-            received_at=datetime.now(UTC),
-        )
-        metrics.SPANS_RECEIVED.inc(len(rows))
-        if rows and settings.otlp_store:
-            with transaction(database, write=True) as session:
-                ingest.store_spans(session, rows)
-            metrics.SPANS_STORED.inc(len(rows))
-        response = otlp.encode_response(encoding, "traces")
-    else:
-        metric_request = otlp.decode_metrics(data, encoding)
-        batch = ingest.rollup_deltas(metric_request, now_ns=time.time_ns())
-        metrics.METRIC_POINTS_RECEIVED.inc(batch.points)
-        if batch.deltas and settings.otlp_store:
-            with transaction(database, write=True) as session:
-                ingest.add_to_rollups(session, batch.deltas)
-            metrics.METRIC_POINTS_STORED.inc(batch.stored)
-        rejected = batch.points - batch.stored
-        response = otlp.encode_response(encoding, "metrics", rejected, batch.message)
-    metrics.INGEST_SECONDS.labels(signal).observe(time.perf_counter() - started)
-    return response
 
 
 def _error(

@@ -424,47 +424,25 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
     the database lock; on PostgreSQL a transaction-scoped advisory lock), the existing rows
     are read under that lock, merged here, and written back. Reads never wait for it.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
         session.execute(select(func.pg_advisory_xact_lock(_ROLLUP_LOCK)))
-    table = EdgeRollup.__table__
-    key_columns = [
-        table.c.resolution_s,
-        table.c.bucket_start,
-        table.c.source_namespace,
-        table.c.source_service,
-        table.c.source_version,
-        table.c.dest_namespace,
-        table.c.dest_service,
-        table.c.dest_version,
-    ]
+    table = _ROLLUPS
     buckets = {(key[0], key[1]) for key in deltas}
     existing = session.execute(
-        select(
-            *key_columns,
-            table.c.requests,
-            table.c.failures,
-            table.c.latency_sum_ms,
-            table.c.latency_counts,
-        ).where(
+        select(*_ROLLUP_KEY_COLUMNS, *_ROLLUP_VALUE_COLUMNS).where(
             tuple_(table.c.resolution_s, table.c.bucket_start).in_(sorted(buckets)),
             table.c.dest_service.in_(sorted({key[6] for key in deltas})),
         )
     )
     for row in existing:
-        key = tuple(row[:8])
-        delta = deltas.get(key)
+        delta = deltas.get(tuple(row[:8]))
         if delta is not None:
             delta.add(row.requests, row.failures, row.latency_sum_ms, row.latency_counts)
+    names = [c.name for c in _ROLLUP_KEY_COLUMNS]
     rows = [
         {
-            "resolution_s": key[0],
-            "bucket_start": key[1],
-            "source_namespace": key[2],
-            "source_service": key[3],
-            "source_version": key[4],
-            "dest_namespace": key[5],
-            "dest_service": key[6],
-            "dest_version": key[7],
+            **dict(zip(names, key, strict=True)),
             "requests": delta.requests,
             "failures": delta.failures,
             "latency_sum_ms": delta.latency_sum_ms,
@@ -472,15 +450,41 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
         }
         for key, delta in deltas.items()
     ]
-    insert = _insert(session, EdgeRollup)
-    statement = insert.on_conflict_do_update(
-        index_elements=[c.name for c in key_columns],
-        set_={
-            name: insert.excluded[name]
-            for name in ("requests", "failures", "latency_sum_ms", "latency_counts")
-        },
+    session.connection().execute(_rollup_upsert(dialect), rows)
+
+
+_ROLLUPS = cast(Table, EdgeRollup.__table__)
+_ROLLUP_KEY_COLUMNS = tuple(
+    _ROLLUPS.c[name]
+    for name in (
+        "resolution_s",
+        "bucket_start",
+        "source_namespace",
+        "source_service",
+        "source_version",
+        "dest_namespace",
+        "dest_service",
+        "dest_version",
     )
-    session.connection().execute(statement, rows)
+)
+_ROLLUP_VALUE_COLUMNS = tuple(
+    _ROLLUPS.c[name] for name in ("requests", "failures", "latency_sum_ms", "latency_counts")
+)
+_UPSERTS: dict[str, Any] = {}
+
+
+def _rollup_upsert(dialect: str) -> Any:
+    """INSERT … ON CONFLICT (the rollup key) DO UPDATE with the values merged in Python; built
+    once per dialect (building it cost more than running it for a typical request)."""
+    statement = _UPSERTS.get(dialect)
+    if statement is None:
+        insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_ROLLUPS)
+        statement = insert.on_conflict_do_update(
+            index_elements=[c.name for c in _ROLLUP_KEY_COLUMNS],
+            set_={c.name: insert.excluded[c.name] for c in _ROLLUP_VALUE_COLUMNS},
+        )
+        _UPSERTS[dialect] = statement
+    return statement
 
 
 def _point_count(metric: Any, data: str | None) -> int:

@@ -203,3 +203,40 @@ def test_agent_flags_for_metrics_export() -> None:
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(["--service", "web", *bad])
         assert exit_info.value.code == 2
+
+
+def test_concurrent_metric_posts_add_up_exactly(live_receiver: LiveReceiver) -> None:
+    """Six agents post ten exports each at once over HTTP: the group-committing writer loses
+    and doubles nothing."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run_agent(n: int) -> None:
+        try:
+            telemetry = agent()
+            exporter = MetricsExporter(
+                telemetry, live_receiver.url, headers={"Authorization": f"Bearer agent-{n}"}
+            )
+            for _ in range(10):
+                for status in (200, 200, 503):
+                    telemetry.record(
+                        source="web",
+                        destination="reviews",
+                        destination_version="v2",
+                        status=status,
+                        duration_s=0.003,
+                    )
+                assert exporter.export()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run_agent, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    requests, failures, counts = rollup_totals(live_receiver)[("web", "reviews", "v2")]
+    assert (requests, failures) == (180, 60)
+    assert counts[histogram.LATENCY_BOUNDS_MS.index(5)] == 180
