@@ -86,7 +86,10 @@ def _header(value: str) -> tuple[str, str]:
 
 def _env_headers() -> list[tuple[str, str]]:
     raw = _env("OTLP_HEADERS", "") or ""
-    return [_header(item) for item in raw.split(",") if item.strip()]
+    try:
+        return [_header(item) for item in raw.split(",") if item.strip()]
+    except argparse.ArgumentTypeError as exc:  # a usage error, not a traceback
+        raise SystemExit(f"mesh-agent: MESH_AGENT_OTLP_HEADERS: {exc}") from None
 
 
 def _default_state_dir() -> str:
