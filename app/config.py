@@ -39,6 +39,29 @@ class Settings(BaseSettings):
     """A DISCONNECTED agent's endpoint leaves its callers' config after this long."""
     change_deadline_s: float = Field(default=60.0, gt=0)
     """A change not ACKed by every targeted agent after this long is reported as partial."""
+    # Telemetry ingest (OTLP/HTTP at /v1/traces and /v1/metrics)
+    otlp_max_bytes: int = Field(default=8_388_608, ge=1024)
+    """Largest OTLP body, compressed and again after gunzip: 413 above it."""
+    otlp_rate_per_s: float = Field(default=50.0, gt=0)
+    """OTLP requests per second one client (bearer token, else address) may send; 429 above."""
+    otlp_burst: int = Field(default=200, ge=1)
+    otlp_max_concurrent: int = Field(default=4, ge=1)
+    """OTLP requests decoded and stored at once; the rest wait, so the console keeps its threads."""
+    otlp_max_waiting: int = Field(default=64, ge=0)
+    """OTLP requests allowed to wait for a slot; beyond it they get 503 with Retry-After."""
+    otlp_require_token: bool = True
+    """False: accept telemetry without the join token (e.g. behind a collector that checks it)."""
+    otlp_store: bool = True
+    """False: decode and validate OTLP requests but store nothing (benchmark peer, dry runs)."""
+    span_attributes_max_bytes: int = Field(default=4096, ge=256)
+    """Attributes stored per span, as JSON; the rest are dropped and the span is marked."""
+    span_retention_hours: float = Field(default=72.0, gt=0)
+    span_max_count: int = Field(default=1_000_000, ge=1000)
+    rollup_10s_retention_hours: float = Field(default=1.25, gt=0)
+    rollup_60s_retention_hours: float = Field(default=25.0, gt=0)
+    rollup_600s_retention_hours: float = Field(default=7 * 24 + 1, gt=0)
+    retention_interval_s: float = Field(default=30.0, gt=0)
+    """How often the background pruner runs."""
 
     @field_validator("database_url")
     @classmethod

@@ -14,23 +14,17 @@ from fastapi.exception_handlers import (
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.agents import api as agents_api
-from app.agents import web as agents_web
 from app.agents.hub import PushHub
-from app.audit import api as audit_api
-from app.audit import web as audit_web
-from app.catalog import api as catalog_api
-from app.catalog import web as catalog_web
 from app.config import REPO_ROOT, Settings, get_settings
 from app.db import Database
 from app.errors import DomainError, InvalidError
 from app.middleware import SecurityHeadersMiddleware
-from app.policies import api as policies_api
-from app.policies import web as policies_web
+from app.routers import API_ROUTERS, WEB_ROUTERS
+from app.telemetry.receiver import Receiver
+from app.telemetry.retention import Pruner
 from app.web import render
 
 STATIC_DIR = REPO_ROOT / "static"
@@ -46,9 +40,14 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         hub.start(asyncio.get_running_loop())
+        receiver = _app.state.otlp_receiver = Receiver(database, settings)
+        pruner = Pruner(database, settings)
+        pruner.start()
         try:
             yield
         finally:
+            pruner.stop()
+            receiver.close()
             hub.stop()
             if owns_database:
                 database.dispose()
@@ -65,23 +64,15 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.database = database
     app.state.hub = hub
 
-    app.include_router(catalog_api.router)
-    app.include_router(policies_api.router)
-    app.include_router(agents_api.router)
-    app.include_router(audit_api.router)
-    app.include_router(catalog_web.router, include_in_schema=False)
-    app.include_router(audit_web.router, include_in_schema=False)
-    app.include_router(policies_web.router, include_in_schema=False)
-    app.include_router(agents_web.router, include_in_schema=False)
+    for router in API_ROUTERS:
+        app.include_router(router)
+    for router in WEB_ROUTERS:
+        app.include_router(router, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
-
-    @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
-        return Response(hub.metrics.exposition(hub), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, exc: DomainError) -> JSONResponse:

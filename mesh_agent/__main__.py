@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,6 +87,26 @@ def _seconds(value: str) -> float:
     if s <= 0:
         raise argparse.ArgumentTypeError("must be > 0")
     return s
+
+
+def _seconds_or_zero(value: str) -> float:
+    return 0.0 if value.strip() in ("0", "0.0") else _seconds(value)
+
+
+def _header(value: str) -> tuple[str, str]:
+    name, sep, content = value.partition("=")
+    name = name.strip()
+    if not sep or not name or any(c in name for c in " :\r\n") or any(c in content for c in "\r\n"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=VALUE")
+    return name, content.strip()
+
+
+def _env_headers() -> list[tuple[str, str]]:
+    raw = _env("OTLP_HEADERS", "") or ""
+    try:
+        return [_header(item) for item in raw.split(",") if item.strip()]
+    except argparse.ArgumentTypeError as exc:  # a usage error, not a traceback
+        raise SystemExit(f"mesh-agent: MESH_AGENT_OTLP_HEADERS: {exc}") from None
 
 
 def _default_state_dir() -> str:
@@ -209,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="OTLP/HTTP endpoint spans are exported to, e.g. http://console:8000; none: no "
         "export (MESH_AGENT_OTLP_ENDPOINT)",
     )
+    tel.add_argument(
+        "--otlp-header",
+        type=_header,
+        action="append",
+        default=_env_headers(),
+        metavar="NAME=VALUE",
+        help="header sent with every OTLP export, e.g. 'Authorization=Bearer …'; repeatable "
+        "(MESH_AGENT_OTLP_HEADERS, comma-separated)",
+    )
+    tel.add_argument(
+        "--metrics-interval",
+        type=_seconds_or_zero,
+        default=_env("METRICS_INTERVAL", "5"),
+        metavar="SECONDS",
+        help="how often RED metrics are exported over OTLP to --otlp-endpoint's /v1/metrics; "
+        "0: never (MESH_AGENT_METRICS_INTERVAL)",
+    )
     tim = p.add_argument_group("timeouts (seconds)")
     tim.add_argument(
         "--header-timeout",
@@ -258,7 +296,18 @@ async def _run(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         sampling_ratio=args.sampling_ratio,
         otlp_endpoint=args.otlp_endpoint,
+        otlp_headers=dict(args.otlp_header),
     )
+    exporter = None
+    if args.otlp_endpoint and args.metrics_interval > 0:
+        from mesh_agent.metrics_export import MetricsExporter
+
+        exporter = MetricsExporter(
+            telemetry,
+            args.otlp_endpoint,
+            headers=telemetry.otlp_headers,
+            interval_s=args.metrics_interval,
+        )
     registry = EndpointRegistry()
     state_dir = Path(args.state_dir) / f"{args.namespace}.{args.service}"
     proxy_ref: list[Proxy] = []
@@ -343,6 +392,8 @@ async def _run(args: argparse.Namespace) -> int:
         source = FileSource(args.config, store)
     if source is not None:
         source.start()
+    if exporter is not None:
+        exporter.start()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -364,6 +415,8 @@ async def _run(args: argparse.Namespace) -> int:
         await source.stop()
     await admin.close()
     await proxy.close()
+    if exporter is not None:
+        await exporter.stop()
     telemetry.shutdown()
     return 0
 
@@ -398,6 +451,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--config and --control-plane are exclusive: choose one config source")
     if args.control_plane and not args.token:
         parser.error("--control-plane needs --token (or MESH_AGENT_TOKEN)")
+    if args.control_plane and not args.otlp_endpoint:
+        # The control plane collects telemetry too: report there unless told otherwise.
+        args.otlp_endpoint = args.control_plane
+    if args.control_plane and args.otlp_endpoint == args.control_plane:
+        names = {name.lower() for name, _ in args.otlp_header}
+        if "authorization" not in names:  # never sent to a collector of someone else's
+            args.otlp_header = [*args.otlp_header, ("Authorization", f"Bearer {args.token}")]
+        # Agents share the join token; this tells the receiver's rate limiter them apart.
+        args.otlp_header.append(("X-Mesh-Agent", f"{socket.gethostname()}-{os.getpid()}"))
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,152 @@
+"""The OTLP receiver's moving parts behind the routes: guards, decoding, and the rollup writer.
+
+Spans are stored by the request that carried them (512 spans make one INSERT worth its
+transaction). Metric requests are small and frequent (1,000 agents every 10 s are 100 a second)
+and would spend most of their time beginning and committing transactions, so they are group
+committed: each request hands its decoded deltas to one writer thread and waits for the
+transaction that stores them; the writer takes everything queued since its last commit and
+writes it in one transaction. A request is still answered only once its data is committed,
+and a failed transaction fails every request in it (they retry), so nothing is half stored.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from app import metrics
+from app.config import Settings
+from app.db import Database, session_scope
+from app.telemetry import ingest, otlp
+from app.telemetry.throttle import ClientRateLimiter, IngestSlots
+
+__all__ = ["Receiver", "RollupWriter"]
+
+log = logging.getLogger(__name__)
+
+_transaction = contextmanager(session_scope)
+
+
+class RollupWriter:
+    """One thread that adds queued metric deltas to the rollups, many requests per commit."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._queue: queue.SimpleQueue[
+            tuple[dict[ingest.RollupKey, ingest.RollupDelta], concurrent.futures.Future[None]]
+            | None
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.commits = 0
+
+    def submit(
+        self, deltas: dict[ingest.RollupKey, ingest.RollupDelta]
+    ) -> concurrent.futures.Future[None]:
+        """A future that completes when the deltas are committed (or fails with the error)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rollup-writer", daemon=True)
+                self._thread.start()
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((deltas, future))
+        return future
+
+    def close(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._write(batch)
+            if stop:
+                return
+
+    def _write(
+        self,
+        batch: list[
+            tuple[dict[ingest.RollupKey, ingest.RollupDelta], concurrent.futures.Future[None]]
+        ],
+    ) -> None:
+        merged: dict[ingest.RollupKey, ingest.RollupDelta] = {}
+        for deltas, _ in batch:
+            for key, delta in deltas.items():
+                into = merged.get(key)
+                if into is None:
+                    merged[key] = into = ingest.RollupDelta()
+                into.add(delta.requests, delta.failures, delta.latency_sum_ms, delta.latency_counts)
+        try:
+            with _transaction(self._database, write=True) as session:
+                ingest.add_to_rollups(session, merged)
+        except Exception as exc:
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        self.commits += 1
+        for _, future in batch:
+            future.set_result(None)
+
+
+class Receiver:
+    """Per-app state of the OTLP receiver."""
+
+    def __init__(self, database: Database, settings: Settings) -> None:
+        self.database = database
+        self.settings = settings
+        self.limiter = ClientRateLimiter(settings.otlp_rate_per_s, settings.otlp_burst)
+        self.slots = IngestSlots(settings.otlp_max_concurrent, settings.otlp_max_waiting)
+        self.writer = RollupWriter(database)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def store_traces(
+        self, body: bytes, encoding: otlp.Encoding, content_encoding: str | None
+    ) -> bytes:
+        """Decode and store one trace export (blocking); the response body."""
+        started = time.perf_counter()
+        data = otlp.decompress(body, content_encoding, self.settings.otlp_max_bytes)
+        request = otlp.decode_traces(data, encoding)
+        rows = ingest.span_rows(
+            request,
+            max_attribute_bytes=self.settings.span_attributes_max_bytes,
+            received_at=datetime.now(UTC),
+        )
+        metrics.SPANS_RECEIVED.inc(len(rows))
+        if rows and self.settings.otlp_store:
+            with _transaction(self.database, write=True) as session:
+                ingest.store_spans(session, rows)
+            metrics.SPANS_STORED.inc(len(rows))
+        metrics.INGEST_SECONDS.labels("traces").observe(time.perf_counter() - started)
+        return otlp.encode_response(encoding, "traces")
+
+    def decode_metrics(
+        self, body: bytes, encoding: otlp.Encoding, content_encoding: str | None
+    ) -> ingest.MetricsBatch:
+        """Decode one metrics export into rollup deltas (blocking; stored by the writer)."""
+        data = otlp.decompress(body, content_encoding, self.settings.otlp_max_bytes)
+        batch = ingest.rollup_deltas(otlp.decode_metrics(data, encoding), now_ns=time.time_ns())
+        metrics.METRIC_POINTS_RECEIVED.inc(batch.points)
+        return batch
