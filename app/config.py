@@ -29,6 +29,12 @@ class Settings(BaseSettings):
 
     sql_echo: bool = False
 
+    health_degraded_error_pct: float = Field(default=0.1, ge=0, le=100)
+    """Topology and catalog health: a service or edge whose error rate (% of requests that
+    failed) is above this is degraded ..."""
+    health_failing_error_pct: float = Field(default=20.0, ge=0, le=100)
+    """... and above this, failing (Kiali's defaults)."""
+
     @field_validator("database_url")
     @classmethod
     def _only_known_databases(cls, value: str) -> str:

@@ -24,6 +24,10 @@ from app.config import REPO_ROOT, Settings, get_settings
 from app.db import Database
 from app.errors import DomainError
 from app.middleware import SecurityHeadersMiddleware
+from app.telemetry.read import EdgeWindowCache
+from app.topology import api as topology_api
+from app.topology import web as topology_web
+from app.topology.layout import LayoutCache
 from app.web import render
 
 STATIC_DIR = REPO_ROOT / "static"
@@ -37,6 +41,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        app.state.edge_cache.close()
         if owns_database:
             database.dispose()
 
@@ -50,11 +55,15 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     )
     app.state.settings = settings
     app.state.database = database
+    app.state.edge_cache = EdgeWindowCache(database)
+    app.state.layouts = LayoutCache()
 
     app.include_router(catalog_api.router)
     app.include_router(audit_api.router)
     app.include_router(catalog_web.router, include_in_schema=False)
     app.include_router(audit_web.router, include_in_schema=False)
+    app.include_router(topology_api.router)
+    app.include_router(topology_web.router, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/healthz", include_in_schema=False)
