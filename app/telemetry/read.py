@@ -154,8 +154,11 @@ class Figures:
 
     @property
     def error_rate(self) -> float | None:
-        rate = self.success_rate
-        return None if rate is None else 1.0 - rate
+        # failures / requests, not 1 - success rate: thresholds compare exactly (0.1 % of 1,000
+        # is 1 failure, not 1.0000000000000009).
+        if self.requests <= 0:
+            return None
+        return min(1.0, self.failures / self.requests)
 
     def golden(self, elapsed_s: float) -> Golden:
         return Golden(
