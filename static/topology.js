@@ -79,6 +79,10 @@
     ],
   });
 
+  // A handle on the graph for the browser console and the Playwright tests (a canvas cannot be
+  // read any other way).
+  window.meshTopology = cy;
+
   function rps(v) {
     if (v === null || v === undefined) return "—";
     if (v === 0) return "0 rps";
