@@ -22,6 +22,7 @@ This module assumes the writer keeps every resolution up to date (a point lands 
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,10 +45,14 @@ __all__ = [
     "Golden",
     "SeriesPoint",
     "Window",
+    "align",
     "edge_figures",
+    "fill_series",
     "inbound_by_service",
     "neighbours",
+    "percentiles",
     "service_series",
+    "window_edges",
     "window_for",
 ]
 
@@ -119,10 +124,6 @@ class Golden:
     p95_ms: float | None
     p99_ms: float | None
 
-    @property
-    def error_rate(self) -> float | None:
-        return None if self.success_rate is None else 1.0 - self.success_rate
-
 
 @dataclass
 class Figures:
@@ -137,7 +138,7 @@ class Figures:
         self.requests += other.requests
         self.failures += other.failures
         self.latency_sum_ms += other.latency_sum_ms
-        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.counts = list(map(operator.add, self.counts, other.counts))
 
     @classmethod
     def merged(cls, parts: Iterable[Figures]) -> Figures:
@@ -161,15 +162,42 @@ class Figures:
         return min(1.0, self.failures / self.requests)
 
     def golden(self, elapsed_s: float) -> Golden:
+        p50, p95, p99 = percentiles(self.counts)
         return Golden(
             requests=self.requests,
             failures=self.failures,
             rps=self.requests / elapsed_s if elapsed_s > 0 else 0.0,
             success_rate=self.success_rate,
-            p50_ms=histogram.quantile(self.counts, 0.50),
-            p95_ms=histogram.quantile(self.counts, 0.95),
-            p99_ms=histogram.quantile(self.counts, 0.99),
+            p50_ms=p50,
+            p95_ms=p95,
+            p99_ms=p99,
         )
+
+
+_GOLDEN_QUANTILES = (0.50, 0.95, 0.99)
+
+
+def percentiles(counts: Sequence[int]) -> tuple[float | None, ...]:
+    """p50, p95 and p99 of a histogram in one walk over its buckets: the same answers as
+    :func:`app.telemetry.histogram.quantile` for each (a topology asks for 3,600 of them)."""
+    total = sum(counts)
+    if total == 0:
+        return (None,) * len(_GOLDEN_QUANTILES)
+    bounds = histogram.LATENCY_BOUNDS_MS
+    found: list[float] = []
+    ranks = [q * total for q in _GOLDEN_QUANTILES]
+    seen = 0
+    for i, count in enumerate(counts):
+        while count and len(found) < len(ranks) and seen + count >= ranks[len(found)]:
+            if i >= len(bounds):
+                found.append(bounds[-1])
+            else:
+                lower = bounds[i - 1] if i > 0 else 0.0
+                rank = ranks[len(found)]
+                found.append(lower + (bounds[i] - lower) * ((rank - seen) / count))
+        seen += count
+    found += [bounds[-1]] * (len(ranks) - len(found))
+    return tuple(found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,11 +377,12 @@ def neighbours(
 # Cache for the whole-mesh query
 # ---------------------------------------------------------------------------------------------
 
-# Buckets that ended this long ago are taken as complete: agents report every few seconds, so
-# later points for them are rare (and picked up on the next refresh of the closed part).
+# Buckets that ended this long ago are taken as complete: agents report every few seconds.
 CLOSED_GRACE_S = 30
-# A closed part this many buckets behind is recomputed before answering instead of patched.
+# A closed part this many buckets behind is recomputed before answering instead of slid.
 MAX_STALE_BUCKETS = 3
+# Slides between two full recomputes, which pick up points that arrived after the grace.
+SLIDES_PER_RECOMPUTE = 60
 
 
 @dataclass(frozen=True)
@@ -361,6 +390,16 @@ class _ClosedPart:
     start: datetime
     until: datetime
     edges: dict[EdgeKey, Figures]
+    slides: int = 0
+
+
+def _minus(total: Figures, part: Figures) -> Figures:
+    return Figures(
+        requests=max(0, total.requests - part.requests),
+        failures=max(0, total.failures - part.failures),
+        latency_sum_ms=max(0.0, total.latency_sum_ms - part.latency_sum_ms),
+        counts=[max(0, a - b) for a, b in zip(total.counts, part.counts, strict=True)],
+    )
 
 
 class EdgeWindowCache:
@@ -368,9 +407,11 @@ class EdgeWindowCache:
 
     A 24 h window sums ~150,000 rows at 1,000 edges; rereading them every few seconds for a
     refreshing topology would cost a core. The buckets that can no longer change are summed
-    once per (window, namespace) and kept; each request only reads the open tail. When a bucket
-    closes, the closed part is recomputed in a background thread while requests keep using the
-    previous one with a longer tail (so the figures never skip a bucket).
+    once per (window, namespace) and kept; each request only reads the open tail. When buckets
+    close, a background thread slides the closed part (adds the buckets that closed, subtracts
+    those that left the window: the figures are sums, so both are exact) while requests keep
+    using the previous part with a longer tail, so the figures never skip a bucket. Every
+    :data:`SLIDES_PER_RECOMPUTE` slides the part is summed afresh instead.
     """
 
     def __init__(self, database: Database) -> None:
@@ -383,11 +424,18 @@ class EdgeWindowCache:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
+    def drain(self) -> None:
+        """Wait for the background refreshes under way (tests, benchmarks)."""
+        with self._lock:
+            pending = list(self._pending.values())
+        for future in pending:
+            future.result()
+
     def edges(
         self, session: Session, window: Window, *, namespace: str | None = None
     ) -> tuple[dict[EdgeKey, Figures], Window]:
-        """Figures per edge, and the window they actually cover (its start may be up to a few
-        buckets earlier than asked while the closed part is being refreshed)."""
+        """Figures per edge (shared: do not change them), and the window they actually cover
+        (its start may be a few buckets earlier than asked while the closed part slides)."""
         resolution = timedelta(seconds=window.resolution_s)
         closed_until = align(window.now - timedelta(seconds=CLOSED_GRACE_S), window.resolution_s)
         closed_until = max(closed_until, window.start)
@@ -404,17 +452,20 @@ class EdgeWindowCache:
             part = self._compute(session, window, namespace, closed_until)
             with self._lock:
                 self._parts[key] = part
-        elif part.until < closed_until or part.start < window.start:
+        elif part.until < closed_until:
             self._refresh_later(key, window, namespace, closed_until)
-        edges = {k: Figures.merged([v]) for k, v in part.edges.items()}
         tail = edge_figures(
             session,
             resolution_s=window.resolution_s,
             since=part.until,
             namespace=namespace,
         )
+        # The cached Figures are shared with the caller, read-only; an edge with a tail gets a
+        # fresh sum instead of an update in place.
+        edges = dict(part.edges)
         for k, figures in tail.items():
-            edges.setdefault(k, Figures()).add(figures)
+            cached = edges.get(k)
+            edges[k] = Figures.merged([cached, figures]) if cached else figures
         covered = Window(window.name, window.seconds, window.resolution_s, part.start, window.now)
         return edges, covered
 
@@ -430,6 +481,42 @@ class EdgeWindowCache:
         )
         return _ClosedPart(window.start, until, edges)
 
+    def _slide(
+        self,
+        session: Session,
+        old: _ClosedPart,
+        window: Window,
+        namespace: str | None,
+        until: datetime,
+    ) -> _ClosedPart:
+        if old.slides >= SLIDES_PER_RECOMPUTE or old.start > window.start:
+            return self._compute(session, window, namespace, until)
+        resolution = window.resolution_s
+        added = edge_figures(
+            session, resolution_s=resolution, since=old.until, until=until, namespace=namespace
+        )
+        left = edge_figures(
+            session,
+            resolution_s=resolution,
+            since=old.start,
+            until=window.start,
+            namespace=namespace,
+        )
+        edges = dict(old.edges)
+        for k, figures in added.items():
+            cached = edges.get(k)
+            edges[k] = Figures.merged([cached, figures]) if cached else figures
+        for k, figures in left.items():
+            cached = edges.get(k)
+            if cached is None:
+                continue
+            remaining = _minus(cached, figures)
+            if remaining.requests or any(remaining.counts):
+                edges[k] = remaining
+            else:
+                del edges[k]
+        return _ClosedPart(window.start, until, edges, old.slides + 1)
+
     def _refresh_later(
         self, key: tuple[str, str | None], window: Window, namespace: str | None, until: datetime
     ) -> None:
@@ -439,8 +526,12 @@ class EdgeWindowCache:
                 return
 
             def refresh() -> None:
+                with self._lock:
+                    old = self._parts.get(key)
                 with self._database.session(write=False) as session:
-                    part = self._compute(session, window, namespace, until)
+                    if old is None or old.until > until:
+                        return
+                    part = self._slide(session, old, window, namespace, until)
                 with self._lock:
                     self._parts[key] = part
 

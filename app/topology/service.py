@@ -152,7 +152,7 @@ def topology(
         main: Figures = data["inbound"] if data["inbound"].requests else data["outbound"]
         x, y = positions[node]
         nodes.append(
-            schemas.TopologyNode(
+            schemas.TopologyNode.model_construct(
                 id=node,
                 kind=data["kind"],
                 label=data["label"],
@@ -175,12 +175,12 @@ def topology(
         rate = figures.error_rate
         dest_data = graph.nodes[dest]
         traces_url = (
-            "/traces?" + urlencode({"service": dest_data["service"]})
+            "/traces?service=" + quote(dest_data["service"])
             if dest_data["kind"] == "service"
             else None
         )
         edge_list.append(
-            schemas.TopologyEdge(
+            schemas.TopologyEdge.model_construct(
                 id=f"{source}->{dest}",
                 source=source,
                 target=dest,

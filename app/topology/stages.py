@@ -167,10 +167,13 @@ def base_traffic(graph: Graph, inputs: GraphInputs, options: GraphOptions) -> Gr
             key.dest_service,
             key.dest_version if options.versions else None,
         )
+        # Input figures are shared with the window cache: summed into new objects, never
+        # changed in place.
         if graph.has_edge(source, dest):
-            graph.edges[source, dest]["figures"].add(figures)
+            data = graph.edges[source, dest]
+            data["figures"] = Figures.merged([data["figures"], figures])
         else:
-            graph.add_edge(source, dest, figures=Figures.merged([figures]))
+            graph.add_edge(source, dest, figures=figures)
         graph.nodes[source]["outbound"].add(figures)
         graph.nodes[dest]["inbound"].add(figures)
     teams = {(entry.namespace, entry.name): entry.team for entry in inputs.catalog}

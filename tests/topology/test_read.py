@@ -168,14 +168,28 @@ def test_cached_window_matches_a_direct_read_before_and_after_buckets_close(
             insert_rollups(session, rows)
             session.commit()
         with database.session(write=False) as session:
-            for later in (0, 10, 20, 60):  # the closed part goes stale, then too stale
+            # Buckets close (the part is slid in the background), then it is too stale.
+            for later in (0, 10, 20, 30, 90):
                 window = read.window_for("5m", NOW + timedelta(seconds=later))
-                cached, covered = cache.edges(session, window)
-                direct = read.edge_figures(
-                    session, resolution_s=10, since=covered.start, namespace=None
-                )
-                assert cached == direct
-                assert covered.start <= window.start
-                assert window.start - covered.start <= timedelta(seconds=30)
+                for _ in range(2):  # before and after the background slide
+                    cached, covered = cache.edges(session, window)
+                    direct = read.edge_figures(
+                        session, resolution_s=10, since=covered.start, namespace=None
+                    )
+                    assert cached == direct, later
+                    assert covered.start <= window.start
+                    assert window.start - covered.start <= timedelta(seconds=30)
+                    cache.drain()
+                assert covered.start == window.start  # slid up to date
     finally:
         cache.close()
+
+
+def test_one_walk_percentiles_agree_with_the_histogram_module() -> None:
+    rng = random.Random(11)
+    shapes = [histogram.empty(), [0] * 13 + [5], [3] + [0] * 13]
+    for _ in range(300):
+        shapes.append([rng.choice((0, 0, 1, 2, 50)) for _ in range(histogram.BUCKETS)])
+    for counts in shapes:
+        expected = tuple(histogram.quantile(counts, q) for q in (0.5, 0.95, 0.99))
+        assert read.percentiles(counts) == pytest.approx(expected), counts
