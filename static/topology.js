@@ -202,8 +202,14 @@
     cy.edges().unselect();
   }
 
+  function tableOpen() {
+    var details = document.getElementById("topology-table");
+    return details && details.open;
+  }
+
   function refreshTable(query, gen) {
-    return fetch("/topology?" + query, { headers: { "HX-Request": "true" } })
+    if (!tableOpen()) return Promise.resolve();
+    return fetch("/topology?" + query + "&table=open", { headers: { "HX-Request": "true" } })
       .then(function (r) { return r.text(); })
       .then(function (html) {
         if (gen !== generation) return;
@@ -261,6 +267,13 @@
     if (evt.target && evt.target.name === "focus") return; // typed: applied with Enter or Apply
     filtersChanged();
   });
+
+  // Opened by the reader: fill it now rather than at the next refresh.
+  document.addEventListener("toggle", function (evt) {
+    if (evt.target && evt.target.id === "topology-table" && evt.target.open) {
+      refreshTable(params().toString(), generation);
+    }
+  }, true);
 
   cy.on("tap", "node", function (evt) {
     var url = evt.target.data("url");

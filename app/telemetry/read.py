@@ -182,21 +182,29 @@ def percentiles(counts: Sequence[int]) -> tuple[float | None, ...]:
     :func:`app.telemetry.histogram.quantile` for each (a topology asks for 3,600 of them)."""
     total = sum(counts)
     if total == 0:
-        return (None,) * len(_GOLDEN_QUANTILES)
+        return (None, None, None)
     bounds = histogram.LATENCY_BOUNDS_MS
+    top = len(bounds)
     found: list[float] = []
-    ranks = [q * total for q in _GOLDEN_QUANTILES]
+    wanted = iter(_GOLDEN_QUANTILES)
+    rank = next(wanted) * total
     seen = 0
     for i, count in enumerate(counts):
-        while count and len(found) < len(ranks) and seen + count >= ranks[len(found)]:
-            if i >= len(bounds):
+        if not count:
+            continue
+        upto = seen + count
+        while upto >= rank:
+            if i >= top:
                 found.append(bounds[-1])
             else:
-                lower = bounds[i - 1] if i > 0 else 0.0
-                rank = ranks[len(found)]
+                lower = bounds[i - 1] if i else 0.0
                 found.append(lower + (bounds[i] - lower) * ((rank - seen) / count))
-        seen += count
-    found += [bounds[-1]] * (len(ranks) - len(found))
+            q = next(wanted, None)
+            if q is None:
+                return tuple(found)
+            rank = q * total
+        seen = upto
+    found += [bounds[-1]] * (len(_GOLDEN_QUANTILES) - len(found))
     return tuple(found)
 
 

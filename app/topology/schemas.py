@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -26,16 +26,19 @@ class GoldenRead(BaseModel):
 
     @classmethod
     def of(cls, golden: Golden) -> GoldenRead:
-        # Our own figures, already typed: built without validation (a topology makes 1,200).
-        return cls.model_construct(
-            requests=golden.requests,
-            failures=golden.failures,
-            rps=round(golden.rps, 4),
-            success_rate=None if golden.success_rate is None else round(golden.success_rate, 6),
-            p50_ms=_ms(golden.p50_ms),
-            p95_ms=_ms(golden.p95_ms),
-            p99_ms=_ms(golden.p99_ms),
-        )
+        return cls.model_validate(golden_dict(golden))
+
+
+def golden_dict(golden: Golden) -> dict[str, Any]:
+    return {
+        "requests": golden.requests,
+        "failures": golden.failures,
+        "rps": round(golden.rps, 4),
+        "success_rate": None if golden.success_rate is None else round(golden.success_rate, 6),
+        "p50_ms": _ms(golden.p50_ms),
+        "p95_ms": _ms(golden.p95_ms),
+        "p99_ms": _ms(golden.p99_ms),
+    }
 
 
 def _ms(value: float | None) -> float | None:

@@ -101,6 +101,7 @@ def topology_page(
     hide_idle: bool = False,
     hide_healthy: bool = False,
     failing: bool = False,
+    table: Literal["", "open", "closed"] = "",
 ) -> Response:
     filters = {
         "window": window,
@@ -140,6 +141,8 @@ def topology_page(
         "filters": filters,
         "graph": graph,
         "labels": {node.id: node.label for node in graph.nodes} if graph else {},
+        # Open unless long; a refresh keeps the reader's choice (table=open|closed).
+        "table_open": table == "open" or (table == "" and (not graph or len(graph.nodes) <= 60)),
         "error": error,
         "windows": WINDOW_CHOICES,
         "limits": service.thresholds(settings),

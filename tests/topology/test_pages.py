@@ -36,7 +36,8 @@ def test_topology_page_lists_nodes_and_calls_in_tables(mesh: TestClient) -> None
 def test_topology_refresh_fragment_is_just_the_tables(mesh: TestClient) -> None:  # noqa: F811
     response = mesh.get("/topology?focus=default/ratings", headers=HX)
     assert response.status_code == 200
-    assert response.text.lstrip().startswith('<section id="topology-table"')
+    assert response.text.lstrip().startswith('<details id="topology-table"')
+    assert " open>" in response.text.lstrip().split("\n", 1)[0]  # a small graph: unfolded
     assert "<html" not in response.text
     assert "details" not in text(response.text)  # outside the focus
 
