@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     rollup_600s_retention_hours: float = Field(default=7 * 24 + 1, gt=0)
     retention_interval_s: float = Field(default=30.0, gt=0)
     """How often the background pruner runs."""
+    health_degraded_error_pct: float = Field(default=0.1, ge=0, le=100)
+    """Topology and catalog health: a service or edge whose error rate (% of requests that
+    failed) is above this is degraded ..."""
+    health_failing_error_pct: float = Field(default=20.0, ge=0, le=100)
+    """... and above this, failing (Kiali's defaults)."""
 
     @field_validator("database_url")
     @classmethod

@@ -23,8 +23,10 @@ from app.db import Database
 from app.errors import DomainError, InvalidError
 from app.middleware import SecurityHeadersMiddleware
 from app.routers import API_ROUTERS, WEB_ROUTERS
+from app.telemetry.read import EdgeWindowCache
 from app.telemetry.receiver import Receiver
 from app.telemetry.retention import Pruner
+from app.topology.layout import LayoutCache
 from app.web import render
 
 STATIC_DIR = REPO_ROOT / "static"
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             pruner.stop()
             receiver.close()
             hub.stop()
+            app.state.edge_cache.close()
             if owns_database:
                 database.dispose()
 
@@ -63,6 +66,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.settings = settings
     app.state.database = database
     app.state.hub = hub
+    app.state.edge_cache = EdgeWindowCache(database)
+    app.state.layouts = LayoutCache()
 
     for router in API_ROUTERS:
         app.include_router(router)

@@ -16,6 +16,8 @@ from app.policies import api as policies_api
 from app.policies import web as policies_web
 from app.telemetry import api as telemetry_api
 from app.telemetry import web as telemetry_web
+from app.topology import api as topology_api
+from app.topology import web as topology_web
 
 __all__ = ["API_ROUTERS", "WEB_ROUTERS"]
 
@@ -27,6 +29,7 @@ API_ROUTERS: list[APIRouter] = [
     audit_api.router,
     telemetry_api.receiver,
     telemetry_api.router,
+    topology_api.router,
     metrics.router,
 ]
 
@@ -37,4 +40,5 @@ WEB_ROUTERS: list[APIRouter] = [
     agents_web.router,
     audit_web.router,
     telemetry_web.router,
+    topology_web.router,
 ]

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
@@ -205,7 +205,9 @@ def change_read(row: ConfigChange, hub: PushHub) -> ChangeRead:
 
 
 @router.get("/changes/{change_id}", response_model=ChangeRead, summary="One change's progress")
-def get_change(session: SessionDep, hub: HubDep, change_id: int) -> ChangeRead:
+def get_change(
+    session: SessionDep, hub: HubDep, change_id: Annotated[int, Path(ge=1, le=2**31 - 1)]
+) -> ChangeRead:
     row = session.scalar(select(ConfigChange).where(ConfigChange.id == change_id))
     if row is None:
         raise NotFoundError(f"no change {change_id}")

@@ -161,6 +161,7 @@ class PushHub:
 
     def _run(self) -> None:
         last_flush = 0.0
+        failures = 0
         while not self._stopping.is_set():
             keys: set[GroupKey] = set()
             changes: list[int] = []
@@ -186,12 +187,15 @@ class PushHub:
                 if now - last_flush >= _FLUSH_EVERY_S:
                     self._flush()
                     last_flush = now
+                failures = 0
             except Exception:
                 # The thread must survive a database outage: agents keep their config, and the
-                # next change or tick tries again.
-                log.exception("push hub: compile or flush failed; will retry")
+                # work is retried with a growing pause (capped), logged once per failure streak.
+                if failures == 0:
+                    log.exception("push hub: compile or flush failed; retrying")
+                failures += 1
                 if keys or changes or full:
-                    time.sleep(_TICK_S)
+                    self._stopping.wait(min(5.0, _TICK_S * 2**failures))
                     self._queue.put((keys, changes, full))
 
     def _compile(self, keys: set[GroupKey], change_ids: list[int], *, full: bool) -> None:

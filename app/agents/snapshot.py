@@ -28,6 +28,7 @@ from mesh_agent.protocol import (
     VersionConfig,
     config_version,
     consistency_errors,
+    parse_address,
 )
 
 __all__ = [
@@ -105,15 +106,26 @@ def compose_service_config(
     state: ServiceState, defaults: MeshDefaultsSpec
 ) -> tuple[ServiceConfig | None, list[str]]:
     """The service as calling agents see it, with make-before-break applied."""
-    live = {v for v, addresses in state.endpoints.items() if addresses}
     warnings: list[str] = []
+    endpoints: dict[str, tuple[str, ...]] = {}
+    for version, addresses in state.endpoints.items():
+        usable = []
+        for address in addresses:
+            try:
+                parse_address(address)
+            except ValueError as exc:
+                # One bad catalog entry must not stop the config of everyone else.
+                warnings.append(f"instance {address} of {version} left out: {exc}")
+                continue
+            usable.append(address)
+        endpoints[version] = tuple(sorted(set(usable)))
+    live = {v for v, addresses in endpoints.items() if addresses}
     if not live:
-        return None, ["no live endpoint: callers get 503 (x-mesh-error: unknown service)"]
-    versions = {
-        v: VersionConfig(endpoints=tuple(sorted(state.endpoints.get(v, ()))))
-        for v in state.versions
-        if state.endpoints.get(v)
-    }
+        return None, [
+            *warnings,
+            "no live endpoint: callers get 503 (x-mesh-error: unknown service)",
+        ]
+    versions = {v: VersionConfig(endpoints=endpoints[v]) for v in state.versions if v in live}
     routes: list[Route] = []
     for route in state.spec.routes:
         backends = tuple(b for b in route.backends if b.version in live)
@@ -137,7 +149,12 @@ def compose_service_config(
 
 
 def compile_part(state: ServiceState, defaults: MeshDefaultsSpec) -> ServicePart:
-    config, warnings = compose_service_config(state, defaults)
+    try:
+        config, warnings = compose_service_config(state, defaults)
+    except ValueError as exc:  # pydantic's ValidationError included
+        # Stored data the agents cannot take (written before a rule existed, or behind the
+        # API's back): leave this service out rather than stop every group's push.
+        return ServicePart(state.key, None, "invalid", state.dependencies, (f"left out: {exc}",))
     digest = (
         hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16] if config else "none"
     )

@@ -14,8 +14,9 @@ from app.audit import service as audit
 from app.catalog import service as catalog
 from app.catalog.models import Service
 from app.catalog.schemas import ServiceCreate, ServiceUpdate, VersionCreate
-from app.deps import ActorDep, SessionDep
+from app.deps import ActorDep, SessionDep, SettingsDep
 from app.errors import ConflictError, DomainError, NotFoundError, StaleRevisionError
+from app.topology import service as topology
 from app.web import (
     FormDep,
     clean_url,
@@ -154,6 +155,7 @@ def home() -> RedirectResponse:
 def list_page(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     q: Annotated[str, Query(max_length=200)] = "",
     namespace: Annotated[str, Query(max_length=63)] = "",
     team: Annotated[str, Query(max_length=63)] = "",
@@ -172,6 +174,12 @@ def list_page(
         "results": results,
         "filters": {"q": q, "namespace": namespace, "team": team},
         "filtered": bool(q or namespace or team),
+        # Health and success rate over the last 5 minutes, one query for the whole page.
+        "traffic": topology.health_by_service(
+            session,
+            [(s.namespace, s.name) for s in results.items],
+            limits=topology.thresholds(settings),
+        ),
     }
     if not is_htmx(request):
         # The filter selects are only on the full page; partials skip these two queries.

@@ -52,17 +52,19 @@ class MeshDefaultsSpec(Strict):
 
 
 Reason = Annotated[str, StringConstraints(max_length=1000)]
+# Revisions are stored as 32-bit integers on both databases.
+Revision = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class TrafficPolicyWrite(Strict):
     """``revision`` is the revision you read (0 when the service never had a policy)."""
 
-    revision: Annotated[int, Field(ge=0)]
+    revision: Revision
     spec: TrafficPolicySpec
 
 
 class MeshDefaultsWrite(Strict):
-    revision: Annotated[int, Field(ge=0)]
+    revision: Revision
     spec: MeshDefaultsSpec
 
 
@@ -70,8 +72,8 @@ class RevertRequest(Strict):
     """Make revision ``to`` the policy in force again, as a new revision. ``revision`` is the
     current revision you read."""
 
-    revision: Annotated[int, Field(ge=0)]
-    to: Annotated[int, Field(ge=0)]
+    revision: Revision
+    to: Revision
 
 
 VersionName = Annotated[str, StringConstraints(min_length=1, max_length=63)]
@@ -83,7 +85,7 @@ class WeightsWrite(Strict):
     (the other routes are kept as they are), which is what a person clicking 25 % means."""
 
     weights: Annotated[dict[VersionName, Annotated[int, Field(ge=0, le=100)]], Field(min_length=1)]
-    revision: Annotated[int, Field(ge=0)] | None = None
+    revision: Revision | None = None
 
 
 class ChangeRead(BaseModel):

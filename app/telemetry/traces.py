@@ -234,8 +234,12 @@ def waterfall(spans: Sequence[SpanRead]) -> tuple[list[WaterfallRow], float]:
     return rows, (t1 - t0) / 1e6
 
 
+_MAX_NS = 2**63 - 1  # a signed 64-bit column on both databases
+
+
 def _ns(value: datetime) -> int:
-    return int(value.timestamp() * 1_000_000) * 1000
+    # Clamped: a search "since the year 2263" finds nothing rather than overflowing the column.
+    return max(-_MAX_NS, min(_MAX_NS, int(value.timestamp() * 1_000_000) * 1000))
 
 
 def _datetime(ns: int) -> datetime:

@@ -149,3 +149,12 @@ def test_policy_issues_run_the_agents_own_consistency_checks() -> None:
     issues = dict(policy_issues(duplicate, DEFAULTS))
     assert "duplicate route name" in issues["spec.routes[1].name"]
     assert policy_issues(state(routes=[split(50, 50)]), DEFAULTS) == []
+
+
+def test_an_address_the_agent_would_refuse_is_left_out_not_fatal() -> None:
+    bad = state(endpoints={"v1": ("0:0", "127.0.0.1:9001"), "v2": ("host:0",)})
+    part = compile_part(bad, DEFAULTS)
+    assert part.config is not None
+    assert part.config.versions["v1"].endpoints == ("127.0.0.1:9001",)
+    assert "v2" not in part.config.versions
+    assert any("0:0" in w for w in part.warnings)
