@@ -446,6 +446,7 @@ Path_ = tuple[str | int, ...]
 class Problem:
     path: Path_
     message: str
+    at_line: int | None = None  # when the path alone cannot tell (a key given twice)
 
 
 @dataclass
@@ -454,6 +455,14 @@ class LoadedFile:
     root: yaml.Node
     data: Any
     resources: list[tuple[int, Resource]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    broken_services: set[tuple[str, str]] = field(default_factory=set)
+    """Services whose item has problems: their policies are not checked against them."""
+
+    def report(self, more: Sequence[Problem] = ()) -> list[str]:
+        """Every problem, in the order of the file."""
+        found = sorted([*self.problems, *more], key=self.line_of)
+        return [self.where(p) for p in found]
 
     def line(self, path: Path_) -> int:
         """Line of the deepest part of ``path`` the file has (a missing field: its parent)."""
@@ -483,8 +492,11 @@ class LoadedFile:
             raw = (self.data.get("items") or [None] * (item + 1))[item]
             label = _label(raw) + ": " if isinstance(raw, dict) else ""
         rest = problem.path[2:] if item is not None else problem.path
-        field_name = _dotted(rest) or _dotted(problem.path)
-        return f"{self.name}:{self.line(problem.path)}: {label}{field_name}: {problem.message}"
+        field_name = f"{_dotted(rest)}: " if rest else ""
+        return f"{self.name}:{self.line_of(problem)}: {label}{field_name}{problem.message}"
+
+    def line_of(self, problem: Problem) -> int:
+        return problem.at_line or self.line(problem.path)
 
 
 def _label(raw: dict[str, Any]) -> str:
@@ -518,7 +530,8 @@ class FileError(Exception):
 
 
 def load_file(path: Path) -> LoadedFile:
-    """Parse and validate the file's shape; raise FileError naming every problem by line."""
+    """Parse the file and validate each item's shape. Unreadable or unparseable files raise
+    FileError; items with problems are left out of ``resources`` and named in ``problems``."""
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -539,11 +552,7 @@ def load_file(path: Path) -> LoadedFile:
     if root is None:
         raise FileError([f"{name}: the file is empty (expected apiVersion: {API_VERSION})"])
     loaded = LoadedFile(name, root, data)
-    problems = _duplicate_keys(root)
-    if not problems:
-        problems = _validate_shape(loaded)
-    if problems:
-        raise FileError([loaded.where(p) for p in problems])
+    loaded.problems = _duplicate_keys(root) + _validate_shape(loaded)
     return loaded
 
 
@@ -557,7 +566,9 @@ def _duplicate_keys(root: yaml.Node) -> list[Problem]:
             for key, value in node.value:
                 if isinstance(key, yaml.ScalarNode):
                     if key.value in seen:
-                        problems.append(Problem((*path, key.value), "key given twice"))
+                        problems.append(
+                            Problem((*path, key.value), "key given twice", key.start_mark.line + 1)
+                        )
                     seen.add(key.value)
                     walk(value, (*path, key.value))
         elif isinstance(node, yaml.SequenceNode):
@@ -596,6 +607,11 @@ def _validate_shape(loaded: LoadedFile) -> list[Problem]:
             resource = model.model_validate(raw)
         except ValidationError as exc:
             problems.extend(_pydantic_problems(exc, where))
+            meta = raw.get("metadata")
+            if model is ServiceResource and isinstance(meta, dict):
+                loaded.broken_services.add(
+                    (str(meta.get("namespace", "default")), str(meta.get("name")))
+                )
             continue
         key = _key(resource)
         if key in seen:
@@ -605,7 +621,11 @@ def _validate_shape(loaded: LoadedFile) -> list[Problem]:
             continue
         seen[key] = i
         if isinstance(resource, ServiceResource):
-            problems.extend(_service_problems(resource, where))
+            found = _service_problems(resource, where)
+            if found:
+                problems.extend(found)
+                loaded.broken_services.add(key[1:])
+                continue
         loaded.resources.append((i, resource))
     return problems
 
@@ -674,9 +694,11 @@ def export(
     ] = None,
     server: ServerOption = None,
 ) -> None:
-    """The catalog (services, owners, links, labels, dependencies, versions; not instances,
-    which agents register), every traffic policy and the mesh defaults as one YAML file that
-    'meshctl apply -f' takes back. With -n, one namespace and no mesh defaults."""
+    """Write the catalog, traffic policies and mesh defaults as YAML for 'apply -f'.
+
+    Services with their owner team, description, links, labels, dependencies and versions
+    (not instances: agents register those), every traffic policy and the mesh defaults, as one
+    document. With -n, one namespace and no mesh defaults."""
     client = Client(server)
     items: list[dict[str, Any]] = []
     if namespace is None:
@@ -860,6 +882,8 @@ def make_plan(client: Client, loaded: LoadedFile) -> Plan:
         if not isinstance(resource, TrafficPolicyResource):
             continue
         ns, name = resource.metadata.namespace, resource.metadata.name
+        if (ns, name) in loaded.broken_services:
+            continue  # its service's problems are reported; checking against it would mislead
         in_file = services.get((ns, name))
         held_service = on_server((ns, name))
         if in_file is None and held_service is None:
@@ -939,18 +963,21 @@ def apply(
     ] = None,
     server: ServerOption = None,
 ) -> None:
-    """Make the server match FILE: create missing services and versions, update changed
-    fields, traffic policies and mesh defaults (each with the revision it read). Never deletes.
-    The whole file is checked first; any problem is named by file, line and field and nothing
-    is changed."""
+    """Make the server match a YAML file (as written by 'export'); --dry-run shows the diff.
+
+    Creates missing services and versions; updates changed service fields, traffic policies
+    and mesh defaults, each with the revision it read. Never deletes. The whole file is checked
+    first; any problem is named by file, line and field, and then nothing is changed."""
     try:
         loaded = load_file(file)
     except FileError as exc:
         _refuse(exc.lines)
+    if loaded.problems and not loaded.resources:
+        _refuse(loaded.report())  # nothing to check against the server
     client = Client(server, reason=reason or f"meshctl apply -f {file.name}")
     plan = make_plan(client, loaded)
-    if plan.problems:
-        _refuse([loaded.where(p) for p in plan.problems])
+    if loaded.problems or plan.problems:
+        _refuse(loaded.report(plan.problems))
     if not plan.steps:
         typer.echo("nothing to change")
         return
