@@ -256,7 +256,11 @@ def test_an_invalid_field_names_file_line_and_field_and_changes_nothing(
     text = text.replace("description: the catalog", "description: changed", 1)
     text = text.replace("app: frontend", "'Bad Key!': frontend", 1)
     text = text.replace("weight: 10", "weight: 15", 1)
-    text = text.replace("owner_team: web\n    description: the frontend", "owner_team: web\n    colour: red\n    description: the frontend", 1)  # fmt: skip
+    text = text.replace(
+        "owner_team: web\n    description: the frontend",
+        "owner_team: web\n    colour: red\n    description: the frontend",
+        1,
+    )
     path.write_text(text)
     lines = text.splitlines()
 
@@ -269,11 +273,17 @@ def test_an_invalid_field_names_file_line_and_field_and_changes_nothing(
 
     assert result.exit_code == 1, result.output
     errors = result.output.splitlines()
-    assert f"{path}:{line_of('backends:')}: TrafficPolicy shop/catalog: spec.routes[0].backends: weights must sum to 100 (they sum to 105)" in errors  # fmt: skip
+    assert (
+        f"{path}:{line_of('backends:')}: TrafficPolicy shop/catalog: spec.routes[0].backends: "
+        "weights must sum to 100 (they sum to 105)"
+    ) in errors
     label_error = next(e for e in errors if "spec.labels" in e)
     assert label_error.startswith(f"{path}:")
     assert "Service shop/frontend: spec.labels: Value error, label key 'Bad Key!'" in label_error
-    assert f"{path}:{line_of('colour: red')}: Service shop/frontend: spec.colour: Extra inputs are not permitted" in errors  # fmt: skip
+    assert (
+        f"{path}:{line_of('colour: red')}: Service shop/frontend: spec.colour: "
+        "Extra inputs are not permitted"
+    ) in errors
     assert errors[-1] == "meshctl: error: nothing was changed"
     assert audit_total(client) == before
     catalog = client.get("/api/v1/services/catalog", params={"namespace": "shop"}).json()
@@ -353,7 +363,9 @@ def test_a_refusal_midway_says_what_was_already_applied(
     result = runner.invoke(cli, ["apply", "-f", str(path)])
 
     assert result.exit_code == 1
-    assert "TrafficPolicy shop/catalog: the server refused to update traffic policy" in result.output
+    assert (
+        "TrafficPolicy shop/catalog: the server refused to update traffic policy" in result.output
+    )
     assert "409: revision 1 is stale" in result.output
     assert "already applied (1):\n    update service shop/catalog (revision 1): description" in (
         result.output
@@ -387,7 +399,10 @@ def test_a_version_whose_labels_differ_is_refused_not_half_applied(
         ("", "the file is empty"),
         ("- just\n- a list\n", ":1: expected a mapping with apiVersion"),
         ("apiVersion: mesh/v2\nkind: List\nitems: []\n", ":1: apiVersion: Input should be"),
-        ("apiVersion: mesh/v1\nkind: List\nitems:\n- kind: Pod\n", ":4: Pod: kind: must be one of Service, TrafficPolicy, MeshDefaults"),
+        (
+            "apiVersion: mesh/v1\nkind: List\nitems:\n- kind: Pod\n",
+            ":4: Pod: kind: must be one of Service, TrafficPolicy, MeshDefaults",
+        ),
         ("apiVersion: mesh/v1\nkind: List\nkind: List\nitems: []\n", ":3: kind: key given twice"),
     ],
 )
