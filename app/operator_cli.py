@@ -714,7 +714,11 @@ def export(
         policy = client.fetch(f"/api/v1/services/{name}/traffic", namespace=ns)
         if policy["revision"]:
             items.append(
-                {"kind": "TrafficPolicy", "metadata": metadata, "spec": _policy(policy["spec"])}
+                {
+                    "kind": "TrafficPolicy",
+                    "metadata": dict(metadata),
+                    "spec": _policy(policy["spec"]),
+                }
             )
     text = (
         f"# meshctl export{f' -n {namespace}' if namespace else ''}: "
