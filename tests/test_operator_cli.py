@@ -484,3 +484,51 @@ def test_api_errors_keep_fastapi_field_messages() -> None:
     error = operator_cli._api_error(response)
     assert error.errors == [{"field": "body.spec.routes", "message": "bad"}]
     assert str(error) == "422: body.spec.routes: bad"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_round_trip_against_a_real_meshctl_serve(tmp_path: Path) -> None:
+    port = _closed_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MESH_DATA_DIR": str(tmp_path / "data"), "MESH_PORT": str(port)}
+    env.pop("MESH_DATABASE_URL", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with httpx.Client(base_url=url, timeout=5) as http:
+            for _ in range(600):  # until it answers (or has exited)
+                assert server.poll() is None, "meshctl serve exited"
+                try:
+                    if http.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    try:  # a short wait that also notices the server dying
+                        server.wait(timeout=0.1)
+                    except subprocess.TimeoutExpired:
+                        continue
+            http.post("/api/v1/services", json={"name": "web", "owner_team": "t"})
+            http.post("/api/v1/services/web/versions", json={"name": "v1"})
+            before = http.get("/api/v1/audit").json()["total"]
+
+            def meshctl(*args: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [sys.executable, "-m", "app", *args, "--server", url],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+
+            file = tmp_path / "mesh.yaml"
+            assert meshctl("export", "-o", str(file)).returncode == 0
+            applied = meshctl("apply", "-f", str(file))
+            assert (applied.returncode, applied.stdout) == (0, "nothing to change\n")
+            assert http.get("/api/v1/audit").json()["total"] == before
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
