@@ -362,3 +362,6 @@ def _change_line(change: dict[str, Any]) -> str:
 
 def main() -> None:
     sys.exit(cli())
+
+
+import app.operator_cli  # noqa: E402, F401  (registers get, export and apply on cli)
