@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from app.audit import service
 from app.audit.schemas import AuditEventList, AuditEventRead, ChainVerificationRead
 from app.deps import SessionDep
+from app.pagination import PageNumber
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
@@ -26,7 +27,7 @@ def list_events(
     action: Annotated[str | None, Query(max_length=63)] = None,
     since: Annotated[datetime | None, Query(description="Inclusive, ISO 8601")] = None,
     until: Annotated[datetime | None, Query(description="Exclusive, ISO 8601")] = None,
-    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page: PageNumber = 1,
     page_size: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> AuditEventList:
     result = service.list_events(

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from app.audit import service as audit
 from app.deps import SessionDep
+from app.pagination import PageNumber
 from app.web import clean_url, fragment, is_htmx, render
 
 router = APIRouter()
@@ -39,7 +40,7 @@ def events_page(
     actor: Annotated[str, Query(max_length=255)] = "",
     since: Annotated[str, Query(max_length=40)] = "",
     until: Annotated[str, Query(max_length=40)] = "",
-    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page: PageNumber = 1,
 ) -> Response:
     errors: dict[str, str] = {}
     bounds: dict[str, datetime | None] = {}
