@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,12 +21,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.audit import api as audit_api
 from app.audit import web as audit_web
+from app.audit.trust import build_audit_trust
 from app.catalog import api as catalog_api
 from app.catalog import web as catalog_web
 from app.config import REPO_ROOT, Settings, get_settings
+from app.csrf import CsrfCookieMiddleware, CsrfTokens
 from app.db import Database
 from app.errors import DomainError
-from app.middleware import SecurityHeadersMiddleware
+from app.keys import load_or_create_key_file
+from app.middleware import (
+    HostPolicy,
+    InputEncodingMiddleware,
+    RequestOriginMiddleware,
+    SecurityHeadersMiddleware,
+)
 from app.web import render
 
 STATIC_DIR = REPO_ROOT / "static"
@@ -34,11 +45,23 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     owns_database = database is None
     database = database or Database(settings.effective_database_url, echo=settings.sql_echo)
 
+    audit_trust = build_audit_trust(settings, database)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if owns_database:
-            database.dispose()
+        audit_trust.checkpointer.attach()
+        periodic = asyncio.create_task(audit_trust.checkpointer.run())
+        try:
+            yield
+        finally:
+            periodic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await periodic
+            audit_trust.checkpointer.detach()
+            if audit_trust.checkpointer.pending:
+                await asyncio.to_thread(audit_trust.checkpointer.checkpoint_quietly)
+            if owns_database:
+                database.dispose()
 
     app = FastAPI(
         title="mesh control plane",
@@ -50,6 +73,12 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     )
     app.state.settings = settings
     app.state.database = database
+    app.state.audit_trust = audit_trust
+    app.state.csrf = CsrfTokens(
+        load_or_create_key_file(
+            settings.effective_secret_key_file, lambda: secrets.token_hex(32).encode()
+        )
+    )
 
     app.include_router(catalog_api.router)
     app.include_router(audit_api.router)
@@ -105,6 +134,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             headers={"Retry-After": "1"},
         )
 
+    # The last added runs first: security headers go on every answer, refusals included.
+    app.add_middleware(CsrfCookieMiddleware)
+    app.add_middleware(InputEncodingMiddleware)
+    app.add_middleware(RequestOriginMiddleware, policy=HostPolicy(settings.effective_allowed_hosts))
     app.add_middleware(SecurityHeadersMiddleware)
     return app
 

@@ -13,7 +13,14 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-__all__ = ["MultilineText", "PlainText", "text_problem", "unsafe_character"]
+__all__ = [
+    "VISIBLE_LINE",
+    "VISIBLE_LINES",
+    "MultilineText",
+    "PlainText",
+    "text_problem",
+    "unsafe_character",
+]
 
 _INVISIBLE = "\u200b-\u200d\u2060\ufeff\u202a-\u202e\u2066-\u2069\ud800-\udfff"
 # C0 controls, DEL and C1 controls; multi-line text keeps tab, line feed and carriage return
@@ -57,7 +64,11 @@ def _multiline(value: str) -> str:
     return _check(value, multiline=True)
 
 
-PlainText = Annotated[str, AfterValidator(_plain)]
-"""One line of visible text."""
-MultilineText = Annotated[str, AfterValidator(_multiline)]
+VISIBLE_LINE = AfterValidator(_plain)
+VISIBLE_LINES = AfterValidator(_multiline)
+PlainText = Annotated[str, VISIBLE_LINE]
+"""One line of visible text. With length limits, write
+``Annotated[str, StringConstraints(...), VISIBLE_LINE]`` so that the limits are checked (and
+reported) first."""
+MultilineText = Annotated[str, VISIBLE_LINES]
 """Visible text that may span lines (descriptions)."""

@@ -116,11 +116,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{target}"
     url: str = request.getfixturevalue("postgres_template_url")
     engine = make_engine(url)
+    tables = _tables_to_clear()
     with engine.begin() as connection:
-        # TRUNCATE does not fire the append-only row triggers, which is what a test reset needs.
-        connection.execute(text(f"TRUNCATE {', '.join(_tables_to_clear())} RESTART IDENTITY"))
-        # Tamper tests switch the append-only guard off; every test starts with it on.
-        connection.execute(text("ALTER TABLE audit_events ENABLE TRIGGER USER"))
+        # The audit tables refuse TRUNCATE (a statement trigger); a test reset is the one
+        # legitimate truncation, so it switches user triggers off for its own transaction.
+        for table in tables:
+            connection.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
+        connection.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY"))
+        # Tamper tests switch the append-only guards off too; every test starts with them on.
+        for table in tables:
+            connection.execute(text(f"ALTER TABLE {table} ENABLE TRIGGER USER"))
     engine.dispose()
     return url
 
@@ -141,7 +146,8 @@ def session(database: Database) -> Iterator[Session]:
 
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Settings:
-    return Settings(data_dir=tmp_path, database_url=db_url)
+    # TestClient sends "Host: testserver"; a real browser would use one of the default names.
+    return Settings(data_dir=tmp_path, database_url=db_url, allowed_hosts=["testserver"])
 
 
 @pytest.fixture

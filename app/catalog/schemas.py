@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, StringConstraints
 
-from app.text import MultilineText, PlainText
+from app.text import VISIBLE_LINE, VISIBLE_LINES
 
 # Patterns are matched with fullmatch: with re.match and "$", "reviews\n" was a valid name
 # ("$" also matches before a final newline).
@@ -68,13 +68,13 @@ DnsLabel = Annotated[
 ]
 Labels = Annotated[dict[str, str], AfterValidator(_labels)]
 TeamName = Annotated[
-    PlainText, StringConstraints(strip_whitespace=True, min_length=1, max_length=63)
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=63), VISIBLE_LINE
 ]
-Description = Annotated[MultilineText, StringConstraints(max_length=4000)]
+Description = Annotated[str, StringConstraints(max_length=4000), VISIBLE_LINES]
 VersionName = Annotated[
     str, StringConstraints(min_length=1, max_length=63), AfterValidator(_version_name)
 ]
-Reason = Annotated[PlainText, StringConstraints(max_length=1000)]
+Reason = Annotated[str, StringConstraints(max_length=1000), VISIBLE_LINE]
 """Why a change is made, stored in its audit event."""
 Health = Literal["healthy", "unhealthy", "unknown"]
 
@@ -85,7 +85,7 @@ class Strict(BaseModel):
 
 class Link(Strict):
     title: Annotated[
-        PlainText, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), VISIBLE_LINE
     ]
     url: HttpUrl
 
