@@ -338,12 +338,15 @@ class VerifiedPrefix:
     """Remembers how far the chain was verified, so the console's badge reads only new events.
 
     Before trusting the remembered prefix it re-checks, cheaply, that it is still there: the
-    event at the remembered seq must still carry the remembered hash (rewriting and re-hashing
-    any earlier event changes it), and the prefix must still hold exactly that many events (a
-    deletion inside it). An in-place edit that keeps every stored hash is not visible to
-    those checks; the prefix is therefore walked in full again once it is ``full_check_after``
-    seconds old, and ``meshctl audit verify`` and ``GET /api/v1/audit/verify`` always walk
-    everything.
+    event at the remembered seq must still carry the remembered hash, and the prefix must still
+    hold exactly that many events. Events are never legitimately changed, so a different hash
+    at the remembered seq is itself proof that the log was rewritten: it is reported even when
+    the rewritten chain links up again (re-hashed), and keeps being reported by this process.
+    A deletion inside the prefix makes the next view walk everything, which names the gap.
+
+    An in-place edit that keeps every stored hash is not visible to those checks; the prefix
+    is therefore walked in full again once it is ``full_check_after`` seconds old, and
+    ``meshctl audit verify`` and ``GET /api/v1/audit/verify`` always walk everything.
     """
 
     def __init__(self, *, full_check_after: float = 600.0) -> None:
@@ -353,47 +356,61 @@ class VerifiedPrefix:
         self._hash = GENESIS_HASH
         self._verified_at = 0.0
 
-    def _prefix_still_there(self, session: Session) -> bool:
-        if self._seq == 0:
-            return True
+    def _forget(self) -> None:
+        self._seq, self._hash, self._verified_at = 0, GENESIS_HASH, 0.0
+
+    def _prefix_holds(self, session: Session, anchors: Sequence[Anchor]) -> bool:
         if time.monotonic() - self._verified_at > self.full_check_after:
-            return False
-        stored = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == self._seq))
-        if stored != self._hash:
             return False
         count = session.scalar(
             select(func.count()).select_from(AuditEvent).where(AuditEvent.seq <= self._seq)
         )
-        return count == self._seq
+        if count != self._seq:
+            return False
+        signed = [anchor for anchor in anchors if anchor.seq <= self._seq]
+        if signed:
+            newest = max(signed, key=lambda anchor: anchor.seq)
+            stored = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == newest.seq))
+            return stored == newest.hash
+        return True
 
     def verify(
         self, session: Session, *, anchors: Sequence[Anchor] = (), batch_size: int = 2000
     ) -> ChainVerification:
         with self._lock:
-            if not self._prefix_still_there(session):
-                self._seq, self._hash, self._verified_at = 0, GENESIS_HASH, 0.0
-            old = [anchor for anchor in anchors if anchor.seq <= self._seq]
-            if old:
-                newest_old = max(old, key=lambda anchor: anchor.seq)
-                stored = session.scalar(
-                    select(AuditEvent.hash).where(AuditEvent.seq == newest_old.seq)
-                )
-                if stored != newest_old.hash:  # cannot be while the prefix holds; be sure
-                    self._seq, self._hash, self._verified_at = 0, GENESIS_HASH, 0.0
-            walk = _ChainWalk(
-                [anchor for anchor in anchors if anchor.seq > self._seq],
-                start_seq=self._seq + 1,
-                start_hash=self._hash,
-            )
-            if self._seq and old:
-                walk.anchored_seq = max(anchor.seq for anchor in old)
-            result = _walk(session, walk, batch_size=batch_size)
-            if result.ok:
-                if self._seq == 0:
-                    self._verified_at = time.monotonic()
-                self._seq, self._hash = result.head_seq, result.head_hash
+            rewritten: str | None = None
+            if self._seq:
+                stored = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == self._seq))
+                if stored != self._hash:
+                    rewritten = (
+                        f"event {self._seq} changed since this console verified it "
+                        f"(its hash was {self._hash[:12]}…, now "
+                        f"{(stored or 'gone')[:12]}…): the log was rewritten"
+                    )
+            if rewritten or (self._seq and not self._prefix_holds(session, anchors)):
+                start_seq, start_hash = 1, GENESIS_HASH
             else:
-                self._seq, self._hash, self._verified_at = 0, GENESIS_HASH, 0.0
+                start_seq, start_hash = self._seq + 1, self._hash
+            walk = _ChainWalk(
+                [anchor for anchor in anchors if anchor.seq >= start_seq],
+                start_seq=start_seq,
+                start_hash=start_hash,
+            )
+            signed_before = [anchor.seq for anchor in anchors if anchor.seq < start_seq]
+            if signed_before:
+                walk.anchored_seq = max(signed_before)
+            result = _walk(session, walk, batch_size=batch_size)
+            if rewritten is not None:
+                # Keep the remembered head: every later view must say the same.
+                if result.ok:
+                    return ChainVerification(False, result.checked, self._seq, rewritten)
+                return result
+            if not result.ok:
+                self._forget()
+                return result
+            if start_seq == 1:
+                self._verified_at = time.monotonic()
+            self._seq, self._hash = result.head_seq, result.head_hash
             return result
 
 
