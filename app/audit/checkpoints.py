@@ -284,6 +284,7 @@ class Checkpointer:
         self.interval = interval
         self._lock = threading.Lock()
         self._pending = 0
+        self._signed_seq: int | None = None
         self._attached = False
 
     @property
@@ -337,8 +338,12 @@ class Checkpointer:
                 head = session.execute(
                     select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
                 ).first()
-                signed = session.scalar(select(func.max(AuditCheckpoint.seq)))
-            if head is None or (signed is not None and signed >= head.seq):
+            if self._signed_seq is None:
+                # From the file, not the table: a row planted in the table with a huge seq
+                # must not stop this process from ever signing again.
+                found, _ = self.file.read_from(0)
+                self._signed_seq = max((checkpoint.seq for _, checkpoint in found), default=0)
+            if head is None or self._signed_seq >= head.seq:
                 self._pending = 0
                 return None
             checkpoint = self.signer.sign(head.seq, head.hash, utcnow())
@@ -356,6 +361,7 @@ class Checkpointer:
                     )
                 )
                 session.commit()
+            self._signed_seq = checkpoint.seq
             self._pending = 0
             return checkpoint
 

@@ -22,7 +22,7 @@ from app.audit.trust import AuditTrust, build_audit_trust
 from app.catalog import service as catalog
 from app.catalog.schemas import ServiceCreate
 from app.config import Settings
-from app.db import Database
+from app.db import Database, utcnow
 from app.main import create_app
 from tests.security.tamper import forge_and_rehash, guards_off
 
@@ -270,3 +270,19 @@ def test_export_verifies_offline_and_shows_tampering(
     other_key = Ed25519PrivateKey.generate().public_key()
     foreign = verify_export(lines, other_key)
     assert not foreign.result.ok and "not signed by the given public key" in foreign.result.detail
+
+
+def test_a_checkpoint_row_planted_in_the_table_does_not_stop_signing(
+    trust: AuditTrust, database: Database
+) -> None:
+    with database.session(write=True) as session:
+        session.add(
+            AuditCheckpoint(
+                seq=999, hash="f" * 64, signed_at=utcnow(), key_id="x", signature="forged"
+            )
+        )
+        session.commit()
+    write_events(database, 2)
+    checkpoint = trust.checkpointer.checkpoint()
+    assert checkpoint is not None and checkpoint.seq == 2
+    assert verify(trust, database)[0]
