@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -205,7 +206,10 @@ def test_pending_events_are_signed_after_the_interval(
             finally:
                 task.cancel()
 
-        asyncio.run(until_signed())
+        # A loop of its own in another thread: a session fixture (Playwright's sync API) may
+        # already run one in this thread.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(asyncio.run, until_signed()).result(timeout=60)
     finally:
         checkpointer.detach()
     assert checkpointer.pending == 0
