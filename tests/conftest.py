@@ -5,6 +5,7 @@ missing server fails the run instead of skipping."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -152,6 +153,24 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings, database: Database) -> Iterator[TestClient]:
+    """A browser that opened the console: it holds the CSRF cookie, sends the page's token (as
+    ``static/app.js`` does for htmx requests) and says where it comes from (a same-origin
+    Referer), so the Host, Origin and CSRF checks let it through. Tests of those checks use
+    ``bare_client``."""
+    from app.main import create_app
+
+    with TestClient(create_app(settings, database)) as test_client:
+        page = test_client.get("/services").text
+        match = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+        assert match, "the console's pages carry no CSRF token"
+        test_client.headers["X-CSRF-Token"] = match.group(1)
+        test_client.headers["Referer"] = "http://testserver/services"
+        yield test_client
+
+
+@pytest.fixture
+def bare_client(settings: Settings, database: Database) -> Iterator[TestClient]:
+    """A client with no cookie and no Origin, Referer or token: curl, meshctl, an agent."""
     from app.main import create_app
 
     with TestClient(create_app(settings, database)) as test_client:

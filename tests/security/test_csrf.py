@@ -21,6 +21,12 @@ FORM = {"namespace": "default", "name": "reviews", "owner_team": "bookinfo"}
 SAME_ORIGIN = {"Referer": "http://testserver/services/new"}
 
 
+@pytest.fixture
+def client(bare_client: TestClient) -> TestClient:
+    """Here the client is a browser that has not opened a page yet (no cookie, no token)."""
+    return bare_client
+
+
 def page_token(client: TestClient, url: str = "/services/new") -> str:
     html = client.get(url).text
     meta = re.search(r'<meta name="csrf-token" content="([^"]+)">', html)
