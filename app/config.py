@@ -65,7 +65,12 @@ class Settings(BaseSettings):
 
     @field_validator("allowed_hosts")
     @classmethod
-    def _lower_case_hosts(cls, value: list[str]) -> list[str]:
+    def _host_names(cls, value: list[str]) -> list[str]:
+        from app.middleware import split_host
+
+        for host in value:
+            if host != "*" and split_host(host) is None:
+                raise ValueError(f"{host!r} is not a host name[:port] (no scheme, no path)")
         return [host.lower() for host in value]
 
     @property

@@ -4,10 +4,13 @@ write from any other origin is refused, on the JSON API as on the console."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from app.cli import cli
 from app.config import Settings
 from app.db import Database
 from app.main import create_app
@@ -155,3 +158,13 @@ def test_allowed_hosts_are_read_comma_separated_from_the_environment(
     monkeypatch.delenv("MESH_ALLOWED_HOSTS")
     assert Settings(host="0.0.0.0").effective_allowed_hosts == ["localhost", "127.0.0.1", "[::1]"]
     assert Settings(host="::1").effective_allowed_hosts == ["[::1]", "localhost", "127.0.0.1"]
+
+
+def test_a_malformed_allowed_host_stops_meshctl_with_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        ["serve", "--no-migrate"],
+        env={"MESH_ALLOWED_HOSTS": "https://mesh.example.com/", "MESH_DATA_DIR": str(tmp_path)},
+    )
+    assert result.exit_code == 2
+    assert "MESH_ALLOWED_HOSTS" in result.output and "not a host name" in result.output
