@@ -224,7 +224,10 @@ class _ChainWalk:
         self.expected_seq = start_seq
         self.expected_prev = start_hash
         self.checked = start_seq - 1
-        self.anchors = {anchor.seq: anchor for anchor in anchors}
+        # Several checkpoints may sign the same seq (replicas, meshctl); each must agree.
+        self.anchors: dict[int, list[Anchor]] = {}
+        for anchor in anchors:
+            self.anchors.setdefault(anchor.seq, []).append(anchor)
         self.anchored_seq: int | None = None
         self.failure: ChainVerification | None = None
 
@@ -248,8 +251,7 @@ class _ChainWalk:
         recomputed = event_hash(**{name: row[name] for name in HASHED_FIELDS})
         if recomputed != row["hash"]:
             return self._fail(seq, f"event {seq} was altered after it was written")
-        anchor = self.anchors.get(seq)
-        if anchor is not None:
+        for anchor in self.anchors.get(seq, ()):
             if anchor.hash != row["hash"]:
                 since = f"after event {self.anchored_seq}" if self.anchored_seq else "up to it"
                 return self._fail(
@@ -267,9 +269,9 @@ class _ChainWalk:
         if self.failure is not None:
             return self.failure
         head = self.expected_seq - 1
-        beyond = [anchor for anchor in self.anchors.values() if anchor.seq > head]
+        beyond = [seq for seq in self.anchors if seq > head]
         if beyond:
-            newest = max(beyond, key=lambda anchor: anchor.seq)
+            newest = self.anchors[max(beyond)][0]
             return ChainVerification(
                 False,
                 self.checked,

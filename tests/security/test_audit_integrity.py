@@ -290,3 +290,21 @@ def test_a_checkpoint_row_planted_in_the_table_does_not_stop_signing(
     checkpoint = trust.checkpointer.checkpoint()
     assert checkpoint is not None and checkpoint.seq == 2
     assert verify(trust, database)[0]
+
+
+def test_a_later_checkpoint_of_a_regrown_head_does_not_hide_the_earlier_one(
+    trust: AuditTrust, database: Database
+) -> None:
+    """Cut the last event off, let a new one take its seq, get that signed too: the first
+    checkpoint of that seq still disagrees."""
+    write_events(database, 3)
+    trust.checkpointer.checkpoint()
+    with guards_off(database) as connection:
+        connection.execute(text("DELETE FROM audit_events WHERE seq = 3"))
+    write_events(database, 1, prefix="regrown")
+    with database.session(write=False) as session:
+        new_head = session.scalar(text("SELECT hash FROM audit_events WHERE seq = 3"))
+    trust.file.append(trust.signer.sign(3, new_head, utcnow()))
+    ok, broken, detail = verify(trust, database)
+    assert (ok, broken) == (False, 3)
+    assert "re-hashed" in detail
