@@ -23,6 +23,8 @@ from fastapi import HTTPException, Request, status
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.middleware import SAFE_METHODS
+
 __all__ = [
     "CSRF_COOKIE",
     "CSRF_FIELD",
@@ -40,7 +42,6 @@ CSRF_FIELD = "csrf_token"
 COOKIE_MAX_AGE = 365 * 24 * 3600
 _BROWSER_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 _NEW_ID_STATE = "mesh_csrf_new_browser_id"
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 class CsrfTokens:
@@ -85,7 +86,7 @@ def csrf_token(context: Any) -> str:
 async def require_csrf_token(request: Request) -> None:
     """Router dependency for HTML routes: every unsafe request must carry this browser's token,
     in the ``X-CSRF-Token`` header (htmx) or the ``csrf_token`` form field (plain forms)."""
-    if request.method in _SAFE_METHODS:
+    if request.method in SAFE_METHODS:
         return
     token = request.headers.get(CSRF_HEADER)
     if token is None:
