@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +68,24 @@ class Settings(BaseSettings):
     failed) is above this is degraded ..."""
     health_failing_error_pct: float = Field(default=20.0, ge=0, le=100)
     """... and above this, failing (Kiali's defaults)."""
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    """Host names (optionally ``name:port``; ``*.example.com`` for sub-domains; ``*`` for any)
+    the console answers to. Empty means the listen address plus the loopback names. A request
+    for any other Host gets 400: DNS rebinding cannot reach the console."""
+
+    secret_key_file: Path | None = None
+    """Key that signs browser cookies (CSRF tokens). Default ``<data dir>/secret.key``,
+    generated at first start with 0600 permissions; never a built-in default."""
+
+    audit_key_file: Path | None = None
+    """Ed25519 key that signs audit checkpoints. Default ``<data dir>/audit-signing.key``."""
+    audit_checkpoint_file: Path | None = None
+    """Append-only copy of every signed checkpoint. Default
+    ``<data dir>/audit-checkpoints.jsonl``."""
+    audit_checkpoint_every: int = Field(default=100, ge=1)
+    """Sign the chain head after this many new events written by this process ..."""
+    audit_checkpoint_seconds: float = Field(default=60.0, gt=0)
+    """... or after this many seconds, whichever comes first (and at shutdown)."""
 
     @field_validator("database_url")
     @classmethod
@@ -74,6 +93,49 @@ class Settings(BaseSettings):
         if value and not value.startswith(("sqlite", "postgresql")):
             raise ValueError("MESH_DATABASE_URL must be an sqlite:// or postgresql:// URL")
         return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        from app.middleware import split_host
+
+        for host in value:
+            if host != "*" and split_host(host) is None:
+                raise ValueError(f"{host!r} is not a host name[:port] (no scheme, no path)")
+        return [host.lower() for host in value]
+
+    @property
+    def effective_allowed_hosts(self) -> list[str]:
+        if self.allowed_hosts:
+            return list(self.allowed_hosts)
+        listen = self.host.lower()
+        if ":" in listen and not listen.startswith("["):
+            listen = f"[{listen}]"  # an IPv6 listen address appears bracketed in Host
+        defaults = ["localhost", "127.0.0.1", "[::1]"]
+        # 0.0.0.0 and :: are no one's Host: people reach such a server by a name, which
+        # they must list in MESH_ALLOWED_HOSTS.
+        if listen not in ("0.0.0.0", "[::]"):
+            defaults.insert(0, listen)
+        return list(dict.fromkeys(defaults))
+
+    @property
+    def effective_secret_key_file(self) -> Path:
+        return self.secret_key_file or self.data_dir / "secret.key"
+
+    @property
+    def effective_audit_key_file(self) -> Path:
+        return self.audit_key_file or self.data_dir / "audit-signing.key"
+
+    @property
+    def effective_audit_checkpoint_file(self) -> Path:
+        return self.audit_checkpoint_file or self.data_dir / "audit-checkpoints.jsonl"
 
     @property
     def effective_join_token_file(self) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,10 +20,18 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.agents.hub import PushHub
+from app.audit.trust import build_audit_trust
 from app.config import REPO_ROOT, Settings, get_settings
+from app.csrf import CsrfCookieMiddleware, CsrfTokens
 from app.db import Database
 from app.errors import DomainError, InvalidError
-from app.middleware import SecurityHeadersMiddleware
+from app.keys import load_or_create_key_file
+from app.middleware import (
+    HostPolicy,
+    InputEncodingMiddleware,
+    RequestOriginMiddleware,
+    SecurityHeadersMiddleware,
+)
 from app.routers import API_ROUTERS, WEB_ROUTERS
 from app.telemetry.read import EdgeWindowCache
 from app.telemetry.receiver import Receiver
@@ -38,9 +48,12 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     database = database or Database(settings.effective_database_url, echo=settings.sql_echo)
 
     hub = PushHub(database, settings)
+    audit_trust = build_audit_trust(settings, database)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        audit_trust.checkpointer.attach()
+        periodic = asyncio.create_task(audit_trust.checkpointer.run())
         hub.start(asyncio.get_running_loop())
         receiver = _app.state.otlp_receiver = Receiver(database, settings)
         pruner = Pruner(database, settings)
@@ -52,6 +65,12 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             receiver.close()
             hub.stop()
             app.state.edge_cache.close()
+            periodic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await periodic
+            audit_trust.checkpointer.detach()
+            if audit_trust.checkpointer.pending:
+                await asyncio.to_thread(audit_trust.checkpointer.checkpoint_quietly)
             if owns_database:
                 database.dispose()
 
@@ -68,6 +87,12 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.hub = hub
     app.state.edge_cache = EdgeWindowCache(database)
     app.state.layouts = LayoutCache()
+    app.state.audit_trust = audit_trust
+    app.state.csrf = CsrfTokens(
+        load_or_create_key_file(
+            settings.effective_secret_key_file, lambda: secrets.token_hex(32).encode()
+        )
+    )
 
     for router in API_ROUTERS:
         app.include_router(router)
@@ -125,6 +150,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             headers={"Retry-After": "1"},
         )
 
+    # The last added runs first: security headers go on every answer, refusals included.
+    app.add_middleware(CsrfCookieMiddleware)
+    app.add_middleware(InputEncodingMiddleware)
+    app.add_middleware(RequestOriginMiddleware, policy=HostPolicy(settings.effective_allowed_hosts))
     app.add_middleware(SecurityHeadersMiddleware)
     return app
 

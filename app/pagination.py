@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
+from fastapi import Query
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 T = TypeVar("T")
 
 MAX_PAGE_SIZE = 200
+# OFFSET makes the database read and discard every earlier row; past a thousand pages nobody
+# is browsing any more, and a request for page 1,000,000 is only a way to load the server.
+# Narrow the filters instead.
+MAX_PAGE = 1000
+
+PageNumber = Annotated[
+    int,
+    Query(ge=1, le=MAX_PAGE, description=f"1-based page number, at most {MAX_PAGE}."),
+]
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,7 @@ def paginate(
     page: int,
     page_size: int,
 ) -> Page[Any]:
-    page = max(1, page)
+    page = max(1, min(page, MAX_PAGE))
     page_size = max(1, min(page_size, MAX_PAGE_SIZE))
     total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
     items = list(

@@ -11,16 +11,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode
 
 import jinja2
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, Request, status
 from fastapi.responses import RedirectResponse, Response
 from jinja2_fragments.fastapi import Jinja2Blocks
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 
 from app.config import REPO_ROOT
+from app.csrf import csrf_token, require_csrf_token
 
 __all__ = [
     "FLASH_COOKIE",
@@ -36,6 +37,7 @@ __all__ = [
     "json_diff",
     "redirect",
     "render",
+    "require_csrf_token",
     "require_same_origin",
     "templates",
     "toast",
@@ -157,7 +159,7 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters.update(utc=utc, isoformat=isoformat, ago=ago, compact_json=compact_json)
-    env.globals.update(json_diff=json_diff, query_with=query_with)
+    env.globals.update(json_diff=json_diff, query_with=query_with, csrf_token=csrf_token)
     return env
 
 
@@ -302,16 +304,6 @@ def _friendly(error: Any) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
 
-def require_same_origin(request: Request) -> None:
-    """CSRF guard for HTML form posts: the browser's Origin (or Referer) must be this host.
-
-    Browsers always send Origin on cross-site POSTs, so a mismatch is refused; requests with
-    neither header come from non-browser clients, which cannot be tricked into posting.
-    """
-    if request.method in ("GET", "HEAD", "OPTIONS"):
-        return  # reads change nothing; links from other sites (wikis, chat) must keep working
-    source = request.headers.get("origin") or request.headers.get("referer")
-    if not source:
-        return
-    if source == "null" or urlsplit(source).netloc != request.headers.get("host", ""):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-origin form post refused")
+# HTML routers depend on this. The Origin/Host checks themselves run for every route in
+# ``app.middleware.RequestOriginMiddleware``; what HTML forms add is the CSRF token.
+require_same_origin = require_csrf_token

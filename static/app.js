@@ -19,6 +19,13 @@
     toast(d.message, d.level);
   });
 
+  // CSRF: every htmx request carries this browser's token (forms also have it as a field,
+  // for when JavaScript is off). Read at send time: a swapped-in page may bring a new one.
+  document.body.addEventListener("htmx:configRequest", function (evt) {
+    var meta = document.querySelector('meta[name="csrf-token"]');
+    if (meta) evt.detail.headers["X-CSRF-Token"] = meta.getAttribute("content");
+  });
+
   document.body.addEventListener("htmx:responseError", function (evt) {
     var xhr = evt.detail.xhr;
     toast("Request failed (" + xhr.status + " " + (xhr.statusText || "error") + ")", "error");

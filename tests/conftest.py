@@ -5,6 +5,7 @@ missing server fails the run instead of skipping."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -116,11 +117,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{target}"
     url: str = request.getfixturevalue("postgres_template_url")
     engine = make_engine(url)
+    tables = _tables_to_clear()
     with engine.begin() as connection:
-        # TRUNCATE does not fire the append-only row triggers, which is what a test reset needs.
-        connection.execute(text(f"TRUNCATE {', '.join(_tables_to_clear())} RESTART IDENTITY"))
-        # Tamper tests switch the append-only guard off; every test starts with it on.
-        connection.execute(text("ALTER TABLE audit_events ENABLE TRIGGER USER"))
+        # The audit tables refuse TRUNCATE (a statement trigger); a test reset is the one
+        # legitimate truncation, so it switches user triggers off for its own transaction.
+        for table in tables:
+            connection.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
+        connection.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY"))
+        # Tamper tests switch the append-only guards off too; every test starts with them on.
+        for table in tables:
+            connection.execute(text(f"ALTER TABLE {table} ENABLE TRIGGER USER"))
     engine.dispose()
     return url
 
@@ -141,11 +147,30 @@ def session(database: Database) -> Iterator[Session]:
 
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Settings:
-    return Settings(data_dir=tmp_path, database_url=db_url)
+    # TestClient sends "Host: testserver"; a real browser would use one of the default names.
+    return Settings(data_dir=tmp_path, database_url=db_url, allowed_hosts=["testserver"])
 
 
 @pytest.fixture
 def client(settings: Settings, database: Database) -> Iterator[TestClient]:
+    """A browser that opened the console: it holds the CSRF cookie, sends the page's token (as
+    ``static/app.js`` does for htmx requests) and says where it comes from (a same-origin
+    Referer), so the Host, Origin and CSRF checks let it through. Tests of those checks use
+    ``bare_client``."""
+    from app.main import create_app
+
+    with TestClient(create_app(settings, database)) as test_client:
+        page = test_client.get("/services").text
+        match = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+        assert match, "the console's pages carry no CSRF token"
+        test_client.headers["X-CSRF-Token"] = match.group(1)
+        test_client.headers["Referer"] = "http://testserver/services"
+        yield test_client
+
+
+@pytest.fixture
+def bare_client(settings: Settings, database: Database) -> Iterator[TestClient]:
+    """A client with no cookie and no Origin, Referer or token: curl, meshctl, an agent."""
     from app.main import create_app
 
     with TestClient(create_app(settings, database)) as test_client:

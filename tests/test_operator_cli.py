@@ -28,6 +28,7 @@ runner = CliRunner()
 def meshctl(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
     """Run meshctl with its API calls going to the test app."""
     monkeypatch.setattr(operator_cli, "make_client", lambda base_url: client)
+    monkeypatch.setenv("MESH_SERVER", "http://testserver")  # the name the test app answers to
 
     def run(*args: str) -> Any:
         return runner.invoke(cli, list(args), catch_exceptions=False)

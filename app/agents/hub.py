@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, and_, bindparam, func, or_, select, update
 from sqlalchemy import event as sa_event
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from app.agents.cache import SnapshotCache
 from app.agents.metrics import PushMetrics
@@ -106,6 +106,9 @@ class PushHub:
         self._ready = threading.Event()
         self.started_at = time.time()
         self._listening = False
+        # Its own session factory: the hub's background reads are not the requests' reads
+        # (listeners and counters on the app's sessions see requests only).
+        self._read_sessions = sessionmaker(database.engine, expire_on_commit=False)
 
     # -----------------------------------------------------------------------------------------
     # Lifecycle
@@ -202,7 +205,7 @@ class PushHub:
         started = time.perf_counter()
         if MESH_WIDE in keys:
             full = True
-        with self.database.session(write=False) as session:
+        with self._read_sessions() as session:
             defaults = _current_defaults(session)
             states = _load_states(session, None if full else keys, self.status.expired_instances())
             rows = (
@@ -371,7 +374,7 @@ class PushHub:
             session.commit()
 
     def _load_agents(self) -> None:
-        with self.database.session(write=False) as session:
+        with self._read_sessions() as session:
             rows = list(session.scalars(select(Agent)))
         for row in rows:
             self.status.put(

@@ -5,13 +5,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
 
 from app.audit import service
+from app.audit.export import export_lines
 from app.audit.schemas import AuditEventList, AuditEventRead, ChainVerificationRead
-from app.deps import SessionDep
+from app.audit.trust import AuditTrustDep
+from app.db import Database, utcnow
+from app.deps import SessionDep, get_database
+from app.pagination import PageNumber
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
 
 
 @router.get("", response_model=AuditEventList, summary="List audit events, newest first")
@@ -26,7 +33,7 @@ def list_events(
     action: Annotated[str | None, Query(max_length=63)] = None,
     since: Annotated[datetime | None, Query(description="Inclusive, ISO 8601")] = None,
     until: Annotated[datetime | None, Query(description="Exclusive, ISO 8601")] = None,
-    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page: PageNumber = 1,
     page_size: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> AuditEventList:
     result = service.list_events(
@@ -50,14 +57,40 @@ def list_events(
     )
 
 
-@router.get("/verify", response_model=ChainVerificationRead, summary="Verify the audit hash chain")
-def verify(session: SessionDep) -> ChainVerificationRead:
-    result = service.verify_chain(session)
+@router.get(
+    "/verify",
+    response_model=ChainVerificationRead,
+    summary="Verify the audit hash chain against the signed checkpoints",
+    description="Reads every event. Detects edited, deleted and inserted events, and, against "
+    "the signed checkpoints kept outside the database, events rewritten and re-hashed or cut "
+    "off the end.",
+)
+def verify(session: SessionDep, trust: AuditTrustDep) -> ChainVerificationRead:
+    result = trust.verify(session)
     return ChainVerificationRead(
         ok=result.ok,
         checked=result.checked,
         first_broken_seq=result.first_broken_seq,
         detail=result.detail,
+        signed_up_to=result.anchored_seq,
+    )
+
+
+@router.get(
+    "/export",
+    summary="Export the audit log as JSON lines, with its signed checkpoints",
+    description="Format `mesh-audit-export/1`: a header line, the checkpoints, then every "
+    "event in order. Verify it offline with `meshctl audit verify --file EXPORT --public-key "
+    "audit-signing.pub`.",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+def export(database: DatabaseDep, trust: AuditTrustDep) -> StreamingResponse:
+    filename = f"mesh-audit-{utcnow():%Y%m%dT%H%M%SZ}.jsonl"
+    return StreamingResponse(
+        export_lines(database, trust),
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
 
 

@@ -35,3 +35,5 @@ class ChainVerificationRead(BaseModel):
     checked: int
     first_broken_seq: int | None
     detail: str
+    signed_up_to: int | None = None
+    """The newest event covered by a signed checkpoint the chain agrees with."""

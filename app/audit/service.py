@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,6 +23,7 @@ from app.db import utcnow
 from app.pagination import Page, paginate
 
 GENESIS_HASH = "0" * 64
+EVENTS_RECORDED = "mesh_audit_events_recorded"
 
 # The columns an event's hash covers, in the keyword names of ``event_hash``.
 HASHED_FIELDS = (
@@ -113,6 +117,8 @@ def record(
     event = AuditEvent(**fields, hash=event_hash(**fields))
     session.add(event)
     session.flush()
+    # Counted for the checkpointer, which signs the head once enough events have committed.
+    session.info[EVENTS_RECORDED] = session.info.get(EVENTS_RECORDED, 0) + 1
     return event
 
 
@@ -189,54 +195,225 @@ class ChainVerification:
     checked: int
     first_broken_seq: int | None
     detail: str
+    head_seq: int = 0
+    head_hash: str = GENESIS_HASH
+    anchored_seq: int | None = None
+    """The newest signed checkpoint the chain was found to agree with, if any."""
 
 
-def verify_chain(session: Session, *, batch_size: int = 2000) -> ChainVerification:
-    """Walk the chain in order and report the first event that does not fit.
+@dataclass(frozen=True)
+class Anchor:
+    """A head the chain must contain: (seq, hash) from a signed checkpoint."""
 
-    Detects edited events (hash mismatch), deleted events (a gap in seq or a prev_hash that
-    no longer points at its predecessor) and inserted or reordered ones.
-    """
-    expected_prev = GENESIS_HASH
-    expected_seq = 1
-    checked = 0
-    columns = [getattr(AuditEvent, name) for name in (*HASHED_FIELDS, "hash")]
+    seq: int
+    hash: str
+    label: str
+    """How to name it in a report, e.g. "the checkpoint signed 2026-05-01 12:00:00 UTC"."""
+
+
+class _ChainWalk:
+    """Checks events fed in seq order; the same rules for the database and an export file."""
+
+    def __init__(
+        self,
+        anchors: Sequence[Anchor] = (),
+        *,
+        start_seq: int = 1,
+        start_hash: str = GENESIS_HASH,
+    ) -> None:
+        self.expected_seq = start_seq
+        self.expected_prev = start_hash
+        self.checked = start_seq - 1
+        # Several checkpoints may sign the same seq (replicas, meshctl); each must agree.
+        self.anchors: dict[int, list[Anchor]] = {}
+        for anchor in anchors:
+            self.anchors.setdefault(anchor.seq, []).append(anchor)
+        self.anchored_seq: int | None = None
+        self.failure: ChainVerification | None = None
+
+    def _fail(self, seq: int, detail: str) -> bool:
+        self.failure = ChainVerification(False, self.checked, seq, detail)
+        return False
+
+    def feed(self, row: Mapping[Any, Any]) -> bool:
+        """False (and ``failure`` set) at the first event that does not fit."""
+        seq = row["seq"]
+        if seq != self.expected_seq:
+            return self._fail(
+                seq, f"event {self.expected_seq} is missing (next stored event is {seq})"
+            )
+        if row["prev_hash"] != self.expected_prev:
+            return self._fail(
+                seq,
+                f"event {seq} does not point at event {seq - 1}: "
+                "an earlier event was changed or removed",
+            )
+        recomputed = event_hash(**{name: row[name] for name in HASHED_FIELDS})
+        if recomputed != row["hash"]:
+            return self._fail(seq, f"event {seq} was altered after it was written")
+        for anchor in self.anchors.get(seq, ()):
+            if anchor.hash != row["hash"]:
+                since = f"after event {self.anchored_seq}" if self.anchored_seq else "up to it"
+                return self._fail(
+                    seq,
+                    f"event {seq} is not the event {anchor.label} vouches for: events {since} "
+                    "were rewritten and re-hashed after they were signed",
+                )
+            self.anchored_seq = seq
+        self.expected_prev = row["hash"]
+        self.expected_seq += 1
+        self.checked += 1
+        return True
+
+    def finish(self) -> ChainVerification:
+        if self.failure is not None:
+            return self.failure
+        head = self.expected_seq - 1
+        beyond = [seq for seq in self.anchors if seq > head]
+        if beyond:
+            newest = self.anchors[max(beyond)][0]
+            return ChainVerification(
+                False,
+                self.checked,
+                head + 1,
+                f"the log ends at event {head}, but {newest.label} vouches for events up to "
+                f"{newest.seq}: events were cut off the end",
+            )
+        signed = f"; signed up to event {self.anchored_seq}" if self.anchored_seq else ""
+        return ChainVerification(
+            True,
+            self.checked,
+            None,
+            f"all {self.checked} events verified{signed}",
+            head_seq=head,
+            head_hash=self.expected_prev,
+            anchored_seq=self.anchored_seq,
+        )
+
+
+_WALK_COLUMNS = [getattr(AuditEvent, name) for name in (*HASHED_FIELDS, "hash")]
+
+
+def _walk(session: Session, walk: _ChainWalk, *, batch_size: int) -> ChainVerification:
     while True:
         # Plain rows rather than ORM objects: building objects was half the cost of a check.
         rows = session.execute(
-            select(*columns)
-            .where(AuditEvent.seq >= expected_seq)
+            select(*_WALK_COLUMNS)
+            .where(AuditEvent.seq >= walk.expected_seq)
             .order_by(AuditEvent.seq)
             .limit(batch_size)
         ).all()
         if not rows:
             break
         for row in rows:
-            if row.seq != expected_seq:
-                return ChainVerification(
-                    False,
-                    checked,
-                    row.seq,
-                    f"event {expected_seq} is missing (next stored event is {row.seq})",
-                )
-            if row.prev_hash != expected_prev:
-                return ChainVerification(
-                    False,
-                    checked,
-                    row.seq,
-                    f"event {row.seq} does not point at event {row.seq - 1}: "
-                    "an earlier event was changed or removed",
-                )
-            mapping = row._mapping
-            recomputed = event_hash(**{name: mapping[name] for name in HASHED_FIELDS})
-            if recomputed != row.hash:
-                return ChainVerification(
-                    False, checked, row.seq, f"event {row.seq} was altered after it was written"
-                )
-            expected_prev = row.hash
-            expected_seq += 1
-            checked += 1
-    return ChainVerification(True, checked, None, f"all {checked} events verified")
+            if not walk.feed(row._mapping):
+                return walk.finish()
+    return walk.finish()
+
+
+def verify_chain(
+    session: Session, *, anchors: Sequence[Anchor] = (), batch_size: int = 2000
+) -> ChainVerification:
+    """Walk the chain in order and report the first event that does not fit.
+
+    Detects edited events (hash mismatch), deleted events (a gap in seq or a prev_hash that
+    no longer points at its predecessor) and inserted or reordered ones. With ``anchors``
+    (signed checkpoints kept outside the database) it also detects what a database writer
+    can do without breaking the links: rewriting events and re-hashing everything after them,
+    and cutting events off the end.
+    """
+    return _walk(session, _ChainWalk(anchors), batch_size=batch_size)
+
+
+def verify_rows(
+    rows: Iterable[Mapping[str, Any]], *, anchors: Sequence[Anchor] = ()
+) -> ChainVerification:
+    """The same check over events read from elsewhere (an export), in seq order."""
+    walk = _ChainWalk(anchors)
+    for row in rows:
+        if not walk.feed(row):
+            break
+    return walk.finish()
+
+
+class VerifiedPrefix:
+    """Remembers how far the chain was verified, so the console's badge reads only new events.
+
+    Before trusting the remembered prefix it re-checks, cheaply, that it is still there: the
+    event at the remembered seq must still carry the remembered hash, and the prefix must still
+    hold exactly that many events. Events are never legitimately changed, so a different hash
+    at the remembered seq is itself proof that the log was rewritten: it is reported even when
+    the rewritten chain links up again (re-hashed), and keeps being reported by this process.
+    A deletion inside the prefix makes the next view walk everything, which names the gap.
+
+    An in-place edit that keeps every stored hash is not visible to those checks; the prefix
+    is therefore walked in full again once it is ``full_check_after`` seconds old, and
+    ``meshctl audit verify`` and ``GET /api/v1/audit/verify`` always walk everything.
+    """
+
+    def __init__(self, *, full_check_after: float = 600.0) -> None:
+        self.full_check_after = full_check_after
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._hash = GENESIS_HASH
+        self._verified_at = 0.0
+
+    def _forget(self) -> None:
+        self._seq, self._hash, self._verified_at = 0, GENESIS_HASH, 0.0
+
+    def _prefix_holds(self, session: Session, anchors: Sequence[Anchor]) -> bool:
+        if time.monotonic() - self._verified_at > self.full_check_after:
+            return False
+        count = session.scalar(
+            select(func.count()).select_from(AuditEvent).where(AuditEvent.seq <= self._seq)
+        )
+        if count != self._seq:
+            return False
+        signed = [anchor for anchor in anchors if anchor.seq <= self._seq]
+        if signed:
+            newest = max(signed, key=lambda anchor: anchor.seq)
+            stored = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == newest.seq))
+            return stored == newest.hash
+        return True
+
+    def verify(
+        self, session: Session, *, anchors: Sequence[Anchor] = (), batch_size: int = 2000
+    ) -> ChainVerification:
+        with self._lock:
+            rewritten: str | None = None
+            if self._seq:
+                stored = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == self._seq))
+                if stored != self._hash:
+                    rewritten = (
+                        f"event {self._seq} changed since this console verified it "
+                        f"(its hash was {self._hash[:12]}…, now "
+                        f"{(stored or 'gone')[:12]}…): the log was rewritten"
+                    )
+            if rewritten or (self._seq and not self._prefix_holds(session, anchors)):
+                start_seq, start_hash = 1, GENESIS_HASH
+            else:
+                start_seq, start_hash = self._seq + 1, self._hash
+            walk = _ChainWalk(
+                [anchor for anchor in anchors if anchor.seq >= start_seq],
+                start_seq=start_seq,
+                start_hash=start_hash,
+            )
+            signed_before = [anchor.seq for anchor in anchors if anchor.seq < start_seq]
+            if signed_before:
+                walk.anchored_seq = max(signed_before)
+            result = _walk(session, walk, batch_size=batch_size)
+            if rewritten is not None:
+                # Keep the remembered head: every later view must say the same.
+                if result.ok:
+                    return ChainVerification(False, result.checked, self._seq, rewritten)
+                return result
+            if not result.ok:
+                self._forget()
+                return result
+            if start_seq == 1:
+                self._verified_at = time.monotonic()
+            self._seq, self._hash = result.head_seq, result.head_hash
+            return result
 
 
 def count_events(session: Session) -> int:

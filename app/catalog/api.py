@@ -10,6 +10,7 @@ from app.catalog import service
 from app.catalog.schemas import (
     InstanceCreate,
     InstanceRead,
+    Reason,
     ServiceCreate,
     ServiceList,
     ServiceRead,
@@ -20,6 +21,7 @@ from app.catalog.schemas import (
 )
 from app.deps import ActorDep, SessionDep
 from app.errors import DomainError
+from app.pagination import PageNumber
 
 router = APIRouter(prefix="/api/v1/services", tags=["services"])
 
@@ -27,7 +29,7 @@ NamespaceQuery = Annotated[
     str, Query(max_length=63, description="Namespace of the service (default: 'default').")
 ]
 ReasonHeader = Annotated[
-    str | None,
+    Reason | None,
     Header(
         alias="X-Mesh-Reason",
         max_length=1000,
@@ -57,7 +59,7 @@ def list_services(
     ] = None,
     namespace: Annotated[str | None, Query(max_length=63)] = None,
     team: Annotated[str | None, Query(max_length=63)] = None,
-    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page: PageNumber = 1,
     page_size: Annotated[int, Query(ge=1, le=200)] = 25,
 ) -> ServiceList:
     result = service.list_services(

@@ -9,19 +9,25 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, StringConstraints
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+from app.text import VISIBLE_LINE, VISIBLE_LINES
+
+# Patterns are matched with fullmatch: with re.match and "$", "reviews\n" was a valid name
+# ("$" also matches before a final newline).
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 # Kubernetes-style label keys: optional DNS prefix, then a name of up to 63 characters.
 LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+    r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
 )
-LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+VERSION_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+INSTANCE_ADDRESS = re.compile(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}")
 MAX_LABELS = 64
 MAX_LINKS = 20
 MAX_DEPENDENCIES = 200
 
 
 def _dns_label(value: str) -> str:
-    if not DNS_LABEL.match(value):
+    if not DNS_LABEL.fullmatch(value):
         raise ValueError(
             "must be a DNS label: lower-case letters, digits and '-', "
             "starting and ending with a letter or digit"
@@ -29,13 +35,28 @@ def _dns_label(value: str) -> str:
     return value
 
 
+def _version_name(value: str) -> str:
+    if not VERSION_NAME.fullmatch(value):
+        raise ValueError(
+            "may contain only lower-case letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _instance_address(value: str) -> str:
+    if not INSTANCE_ADDRESS.fullmatch(value):
+        raise ValueError("must be host:port, e.g. 10.0.0.7:9080 or [fd00::7]:9080")
+    return value
+
+
 def _labels(value: dict[str, str]) -> dict[str, str]:
     if len(value) > MAX_LABELS:
         raise ValueError(f"at most {MAX_LABELS} labels")
     for key, label_value in value.items():
-        if len(key) > 253 or not LABEL_KEY.match(key):
+        if len(key) > 253 or not LABEL_KEY.fullmatch(key):
             raise ValueError(f"label key {key!r} is not a valid label key")
-        if len(label_value) > 63 or not LABEL_VALUE.match(label_value):
+        if len(label_value) > 63 or not LABEL_VALUE.fullmatch(label_value):
             raise ValueError(
                 f"label {key!r}: value {label_value!r} must be at most 63 letters, digits, "
                 "'-', '_' or '.', starting and ending with a letter or digit"
@@ -48,7 +69,9 @@ def _dependencies(value: list[str]) -> list[str]:
     seen: set[str] = set()
     for item in value:
         parts = item.split("/")
-        if len(parts) > 2 or not all(DNS_LABEL.match(part) and len(part) <= 63 for part in parts):
+        if len(parts) > 2 or not all(
+            DNS_LABEL.fullmatch(part) and len(part) <= 63 for part in parts
+        ):
             raise ValueError(f"{item!r} is not a service name or namespace/name")
         if item in seen:
             raise ValueError(f"{item!r} is listed twice")
@@ -63,12 +86,15 @@ Labels = Annotated[dict[str, str], AfterValidator(_labels)]
 Dependencies = Annotated[
     list[str], Field(max_length=MAX_DEPENDENCIES), AfterValidator(_dependencies)
 ]
-TeamName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=63)]
-Description = Annotated[str, StringConstraints(max_length=4000)]
-VersionName = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+TeamName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=63), VISIBLE_LINE
 ]
+Description = Annotated[str, StringConstraints(max_length=4000), VISIBLE_LINES]
+VersionName = Annotated[
+    str, StringConstraints(min_length=1, max_length=63), AfterValidator(_version_name)
+]
+Reason = Annotated[str, StringConstraints(max_length=1000), VISIBLE_LINE]
+"""Why a change is made, stored in its audit event."""
 Health = Literal["healthy", "unhealthy", "unknown"]
 
 
@@ -77,7 +103,9 @@ class Strict(BaseModel):
 
 
 class Link(Strict):
-    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    title: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), VISIBLE_LINE
+    ]
     url: HttpUrl
 
 
@@ -119,12 +147,8 @@ class VersionRead(BaseModel):
 class InstanceCreate(Strict):
     address: Annotated[
         str,
-        StringConstraints(
-            strip_whitespace=True,
-            min_length=3,
-            max_length=255,
-            pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$",
-        ),
+        StringConstraints(strip_whitespace=True, min_length=3, max_length=255),
+        AfterValidator(_instance_address),
     ]
     version: VersionName
     health: Health = "unknown"

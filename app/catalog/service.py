@@ -4,9 +4,9 @@ writes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import CursorResult, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
@@ -188,7 +188,18 @@ def delete_service(
     before["versions"] = [version.snapshot() for version in service.versions]
     before["instances"] = [instance.snapshot() for instance in service.instances]
     qualified = service.qualified_name
-    session.execute(delete(Service).where(Service.id == service.id))
+    statement = delete(Service).where(Service.id == service.id)
+    if revision is not None:
+        # The check above read the row; another writer may commit an edit before this
+        # statement runs (PostgreSQL's READ COMMITTED). The revision in the WHERE clause makes
+        # such a delete remove nothing instead of discarding an edit its author never saw.
+        statement = statement.where(Service.revision == revision)
+    deleted = session.execute(statement)
+    if cast(CursorResult[Any], deleted).rowcount == 0:
+        current = session.scalar(select(Service.revision).where(Service.id == service.id))
+        if current is None:
+            raise NotFoundError(f"service {qualified} not found")
+        raise StaleRevisionError(expected=revision or service.revision, actual=current)
     session.expunge(service)
     touched(session, namespace, name)
     audit.record(

@@ -16,6 +16,8 @@ from app.catalog.models import Service
 from app.catalog.schemas import ServiceCreate, ServiceUpdate, VersionCreate
 from app.deps import ActorDep, SessionDep, SettingsDep
 from app.errors import ConflictError, DomainError, NotFoundError, StaleRevisionError
+from app.pagination import PageNumber
+from app.text import text_problem
 from app.topology import service as topology
 from app.web import (
     FormDep,
@@ -130,6 +132,9 @@ def _parse_service_form(
     if "revision" in errors:  # a hidden field: only a damaged or hand-made form gets it wrong
         del errors["revision"]
         errors["__all__"] = "This form is out of date or damaged. Reload the page and try again."
+    reason_problem = text_problem(values.get("reason", ""))
+    if reason_problem:
+        errors["reason"] = reason_problem
     # A syntax error in a textarea hides whatever pydantic said about its partial parse.
     for name, message in (("links", links_error), ("labels", labels_error)):
         if message:
@@ -159,7 +164,7 @@ def list_page(
     q: Annotated[str, Query(max_length=200)] = "",
     namespace: Annotated[str, Query(max_length=63)] = "",
     team: Annotated[str, Query(max_length=63)] = "",
-    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    page: PageNumber = 1,
 ) -> Response:
     results = catalog.list_services(
         session,
@@ -334,6 +339,15 @@ def delete(
 ) -> Response:
     raw_revision = _text(form, "revision")
     revision = int(raw_revision) if raw_revision.isdigit() else None
+    reason = _text(form, "reason").strip()[:500]
+    if text_problem(reason):
+        service = _get_or_404(request, session, namespace, name)
+        if isinstance(service, Response):
+            return service
+        alert = f"Not deleted: the reason {text_problem(reason)}."
+        return _detail_page(
+            request, session, service, blocks=["alerts"], alert=alert, status_code=422
+        )
     try:
         catalog.delete_service(
             session,
@@ -341,7 +355,7 @@ def delete(
             namespace=namespace,
             name=name,
             revision=revision,
-            reason=_text(form, "reason").strip()[:500] or None,
+            reason=reason or None,
         )
     except NotFoundError:
         session.rollback()

@@ -143,6 +143,7 @@ def run_demo(
     prepare_database: Callable[[Settings], None],
 ) -> int:
     from app.agents.token import JoinToken
+    from app.audit.trust import build_audit_trust
     from app.db import Database, session_scope
     from app.demo.seed import seed_demo_catalog
 
@@ -167,6 +168,8 @@ def run_demo(
     try:
         for session in session_scope(database, write=True):
             seed_demo_catalog(session)
+        # Sign the seed's events now: the control plane's checkpointer was not listening yet.
+        build_audit_trust(settings, database).checkpointer.checkpoint_quietly()
     finally:
         database.dispose()
     token = JoinToken(settings.effective_join_token_file).ensure()

@@ -14,7 +14,9 @@ from app.db import Database
 @pytest.fixture
 def push_settings(tmp_path: Path, db_url: str) -> Settings:
     # A short hold so a poll with nothing new returns quickly (204) instead of after 30 s.
-    return Settings(data_dir=tmp_path, database_url=db_url, poll_hold_s=0.3)
+    return Settings(
+        data_dir=tmp_path, database_url=db_url, poll_hold_s=0.3, allowed_hosts=["testserver"]
+    )
 
 
 @pytest.fixture

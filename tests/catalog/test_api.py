@@ -190,6 +190,7 @@ def test_audit_api_filters_and_verify(client: TestClient) -> None:
         "checked": 2,
         "first_broken_seq": None,
         "detail": "all 2 events verified",
+        "signed_up_to": None,
     }
 
 

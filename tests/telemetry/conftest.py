@@ -50,4 +50,9 @@ def live_receiver(settings: Settings, database: Database) -> Iterator[LiveReceiv
 def settings(tmp_path: Path, db_url: str) -> Settings:
     # These tests are about what the receiver does with a request; the join-token check in
     # front of it is tested in tests/telemetry/test_auth.py.
-    return Settings(data_dir=tmp_path, database_url=db_url, otlp_require_token=False)
+    return Settings(
+        data_dir=tmp_path,
+        database_url=db_url,
+        otlp_require_token=False,
+        allowed_hosts=["testserver"],
+    )

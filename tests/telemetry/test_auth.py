@@ -13,7 +13,7 @@ from tests.telemetry.support import protobuf_body, sdk_spans
 
 
 def test_otlp_needs_the_join_token(tmp_path: Path, db_url: str, database: Database) -> None:
-    settings = Settings(data_dir=tmp_path, database_url=db_url)
+    settings = Settings(data_dir=tmp_path, database_url=db_url, allowed_hosts=["testserver"])
     with TestClient(create_app(settings, database)) as client:
         token = client.app.state.hub.token.ensure()  # type: ignore[attr-defined]
         body = protobuf_body(sdk_spans())

@@ -162,6 +162,7 @@ def small_client(tmp_path: Path, db_url: str, database: Database) -> TestClient:
         database_url=db_url,
         otlp_max_bytes=4096,
         otlp_require_token=False,
+        allowed_hosts=["testserver"],
         otlp_rate_per_s=0.01,
         otlp_burst=3,
     )

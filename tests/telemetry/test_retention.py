@@ -52,7 +52,9 @@ def span_tags(database: Database) -> dict[str, int]:
 
 
 def settings(tmp_path: Path, db_url: str, **overrides: float) -> Settings:
-    return Settings(data_dir=tmp_path, database_url=db_url, **overrides)  # type: ignore[arg-type]
+    return Settings(  # type: ignore[arg-type]
+        data_dir=tmp_path, database_url=db_url, allowed_hosts=["testserver"], **overrides
+    )
 
 
 def test_spans_older_than_the_retention_go_in_batches(

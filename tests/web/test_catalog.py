@@ -349,3 +349,10 @@ def test_live_search_pushes_a_clean_address(client: TestClient) -> None:
     response = client.get("/services?q=rev&namespace=&team=", headers=HX)
     assert response.headers["hx-push-url"] == "/services?q=rev"
     assert response.headers["vary"] == "HX-Request"
+
+
+def test_a_reason_with_a_bidi_override_is_a_field_error(client: TestClient) -> None:
+    response = client.post("/services/new", data=form(reason="ok \u202eevil"), headers=HX)
+    assert response.status_code == 422
+    assert "U+202E" in (field_error(response.text, "reason") or "")
+    assert client.get("/api/v1/services").json()["total"] == 0
