@@ -83,6 +83,15 @@ def to_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
+def without_nulls(value: Any) -> Any:
+    """Unset fields (null) left out, so the effective config reads as what is in force."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
 def field_path(loc: Sequence[str | int], prefix: str = "spec") -> str:
     """``("routes", 0, "backends")`` → ``spec.routes[0].backends``: the path users read."""
     path = prefix
@@ -433,7 +442,9 @@ def _traffic_editor_context(
         "current_yaml": to_yaml(current) if current else "routes: []\n",
         "text": text if text is not None else (to_yaml(current) if current else "routes: []\n"),
         "revisions": revisions,
-        "effective_yaml": to_yaml(effective["config"]) if effective["config"] else None,
+        "effective_yaml": to_yaml(without_nulls(effective["config"]))
+        if effective["config"]
+        else None,
         "warnings": effective["warnings"],
         "progress": progress_view(latest, hub) if latest else None,
     }

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 
 SERVICE_URL = "/services/default/reviews"
+# Generous bound for the push to reach both agents on a loaded CI machine (it usually takes
+# a fraction of a second); the wait ends as soon as the text shows up.
+SYNC_TIMEOUT_MS = 20_000
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -49,7 +52,7 @@ def _post(url: str, body: dict[str, Any]) -> None:
         assert response.status == 201
 
 
-def _wait_for_synced(url: str, count: int, timeout: float = 30.0) -> None:
+def _wait_for_synced(url: str, count: int, timeout: float = 60.0) -> None:
     """Until ``count`` agents report SYNCED (an event the test waits on, bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,7 +85,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     ]
     try:
-        wait_until_ready(url, processes[0])
+        wait_until_ready(url, processes[0], timeout=60)
         # v1 then v2, so v2 is the newest version (the default canary candidate), whichever
         # agent registers first.
         _post(url + "/api/v1/services", {"name": "reviews", "owner_team": "shop"})
@@ -134,7 +137,12 @@ def test_click_25_percent_and_watch_every_agent_sync(console: Page) -> None:
     expect(traffic.get_by_role("heading", name="Traffic")).to_be_visible()
     page.evaluate("window.__same_document = true")
 
+    # The candidate defaults to the newest version; choosing another swaps the baseline.
     expect(traffic.get_by_label("Canary version")).to_have_value("v2")
+    traffic.get_by_label("Canary version").select_option("v1")
+    expect(traffic.locator(".canary-baseline")).to_contain_text("Baseline: v2")
+    traffic.get_by_label("Canary version").select_option("v2")
+    expect(traffic.locator(".canary-baseline")).to_contain_text("Baseline: v1")
     traffic.get_by_role("button", name="25 %", exact=True).click()
     expect(traffic.get_by_role("slider", name="Share")).to_have_value("25")
     expect(traffic.locator("output")).to_have_text("25 %")
@@ -143,7 +151,7 @@ def test_click_25_percent_and_watch_every_agent_sync(console: Page) -> None:
     traffic.get_by_role("button", name="Apply").click()
 
     progress = page.locator("#change-progress")
-    expect(progress).to_contain_text(re.compile(r"2/2 synced in \d+ ms"))
+    expect(progress).to_contain_text(re.compile(r"2/2 synced in \d+ ms"), timeout=SYNC_TIMEOUT_MS)
     expect(progress).to_contain_text("v1 75 %, v2 25 %")
     expect(page.locator(".split")).to_have_attribute(
         "aria-label", "Current split: v1 75 %, v2 25 %"
@@ -151,14 +159,16 @@ def test_click_25_percent_and_watch_every_agent_sync(console: Page) -> None:
     entry = page.locator("#traffic-timeline li").first
     expect(entry).to_contain_text("v1 75 %, v2 25 %")
     expect(entry).to_contain_text("canary of the new ranking")
-    expect(entry).to_contain_text(re.compile(r"2/2 agents in \d+ ms"))
+    expect(entry).to_contain_text(re.compile(r"2/2 agents in \d+ ms"), timeout=SYNC_TIMEOUT_MS)
     expect(entry).to_contain_text("converged")
 
     # Promote: one click and a confirmation.
     page.once("dialog", lambda dialog: dialog.accept())
     traffic.get_by_role("button", name="Promote v2 (100 %)").click()
     expect(page.locator("#change-progress")).to_contain_text("v1 0 %, v2 100 %")
-    expect(page.locator("#change-progress")).to_contain_text(re.compile(r"2/2 synced in"))
+    expect(page.locator("#change-progress")).to_contain_text(
+        re.compile(r"2/2 synced in"), timeout=SYNC_TIMEOUT_MS
+    )
     expect(page.locator("#traffic-timeline li")).to_have_count(2)
     assert page.evaluate("window.__same_document") is True  # no full page load
 

@@ -240,6 +240,11 @@ def test_editor_preview_shows_the_diff_and_stores_nothing(client: TestClient) ->
         (SPLIT_25.replace("weight: 25", "weight: 5"), "spec.routes[0].backends", "sum to 100"),
         (SPLIT_25.replace("version: v2", "version: v7"), "spec.routes[0]", "v7"),
         (SPLIT_25 + "timeout_ms: -5\n", "spec.timeout_ms", "greater than or equal to 0"),
+        (
+            SPLIT_25.replace("weight: 25", "weight: lots"),
+            "spec.routes[0].backends[1].weight",
+            "valid integer",
+        ),
         (SPLIT_25 + "bogus: 1\n", "spec.bogus", "Extra inputs are not permitted"),
         ("routes: [\n", "spec", "not valid YAML: line"),
         ("- just a list\n", "spec", "must be a mapping"),
