@@ -179,10 +179,6 @@ def progress_view(change: ChangeRead, hub: PushHub) -> dict[str, Any]:
     }
 
 
-def _change_row(session: Session, change_id: int) -> ConfigChange | None:
-    return session.get(ConfigChange, change_id)
-
-
 # ---------------------------------------------------------------------------------------------
 # The traffic section of a service page
 
@@ -232,6 +228,7 @@ def _traffic_context(
     return {
         "service": service,
         "service_url": _service_url(service),
+        "changes_url": f"{_service_url(service)}/traffic/changes",
         "revision": row.revision if row else 0,
         "versions": by_age,
         "candidate": candidate,
@@ -374,11 +371,31 @@ def change_progress(
 ) -> Response:
     """The progress line, polled every 300 ms while the change is pending. Once it settles the
     answer carries no poll trigger (so polling stops) and tells the timeline to refresh."""
-    row = _change_row(session, change_id)
+    return _progress_fragment(
+        request,
+        session,
+        hub,
+        change_id,
+        namespace,
+        name,
+        f"/services/{namespace}/{name}/traffic/changes",
+    )
+
+
+def _progress_fragment(
+    request: Request,
+    session: Session,
+    hub: PushHub,
+    change_id: int,
+    namespace: str,
+    name: str,
+    changes_url: str,
+) -> Response:
+    row = session.get(ConfigChange, change_id)
     if row is None or (row.namespace, row.service) != (namespace, name):
         return Response("no such change", status_code=404)
     view = progress_view(change_read(row, hub), hub)
-    context = {"progress": view, "service_url": f"/services/{namespace}/{name}"}
+    context = {"progress": view, "changes_url": changes_url}
     response = fragment(request, "policies/traffic.html", "progress", context)
     if view["change"].state != "pending":
         hx_trigger(response, CHANGED_EVENT)
@@ -450,8 +467,12 @@ def _traffic_editor_context(
     }
 
 
-def _defaults_editor_context(session: Session, *, text: str | None = None) -> dict[str, Any]:
+def _defaults_editor_context(
+    session: Session, hub: PushHub, *, text: str | None = None
+) -> dict[str, Any]:
     spec, row = policies.current_defaults(session)
+    # Mesh-wide changes are recorded without a service.
+    changes = policies.recent_changes(session, "", "", limit=1)
     current = to_yaml(spec.model_dump(mode="json"))
     return {
         "section": "defaults",
@@ -465,7 +486,7 @@ def _defaults_editor_context(session: Session, *, text: str | None = None) -> di
         "revisions": policies.list_defaults_revisions(session, page_size=REVISIONS_PAGE),
         "effective_yaml": None,
         "warnings": [],
-        "progress": None,
+        "progress": progress_view(change_read(changes[0], hub), hub) if changes else None,
     }
 
 
@@ -652,14 +673,14 @@ def _revision_context(
 
 
 @router.get("/mesh/defaults")
-def defaults_editor(request: Request, session: SessionDep) -> Response:
-    return _editor_page(request, _defaults_editor_context(session))
+def defaults_editor(request: Request, session: SessionDep, hub: HubDep) -> Response:
+    return _editor_page(request, _defaults_editor_context(session, hub))
 
 
 @router.post("/mesh/defaults/preview")
-def defaults_preview(request: Request, session: SessionDep, form: FormDep) -> Response:
+def defaults_preview(request: Request, session: SessionDep, hub: HubDep, form: FormDep) -> Response:
     text = _text(form, "spec", MAX_YAML_CHARS + 1)
-    context = _defaults_editor_context(session, text=text)
+    context = _defaults_editor_context(session, hub, text=text)
     spec, issues = parse_yaml_spec(text, MeshDefaultsSpec)
     context["previewed"] = True
     context["errors"] = issues
@@ -670,7 +691,7 @@ def defaults_preview(request: Request, session: SessionDep, form: FormDep) -> Re
 
 @router.post("/mesh/defaults")
 def defaults_save(
-    request: Request, session: SessionDep, actor: ActorDep, form: FormDep
+    request: Request, session: SessionDep, hub: HubDep, actor: ActorDep, form: FormDep
 ) -> Response:
     text = _text(form, "spec", MAX_YAML_CHARS + 1)
     spec, issues = parse_yaml_spec(text, MeshDefaultsSpec)
@@ -684,21 +705,21 @@ def defaults_save(
             )
         except StaleRevisionError as exc:
             session.rollback()
-            context = _defaults_editor_context(session, text=text)
+            context = _defaults_editor_context(session, hub, text=text)
             context["stale"] = exc
             return _editor_page(request, context, block="editor", status_code=409)
         return flash(
             redirect(request, "/mesh/defaults"),
             f"Saved mesh defaults revision {row.revision}; every service inherits them.",
         )
-    context = _defaults_editor_context(session, text=text)
+    context = _defaults_editor_context(session, hub, text=text)
     context["errors"] = issues
     return _editor_page(request, context, block="editor", status_code=422)
 
 
 @router.post("/mesh/defaults/revert")
 def defaults_revert(
-    request: Request, session: SessionDep, actor: ActorDep, form: FormDep
+    request: Request, session: SessionDep, hub: HubDep, actor: ActorDep, form: FormDep
 ) -> Response:
     to, revision = _int(form, "to"), _int(form, "revision")
     try:
@@ -709,13 +730,20 @@ def defaults_revert(
         )
     except DomainError as exc:
         session.rollback()
-        context = _defaults_editor_context(session)
+        context = _defaults_editor_context(session, hub)
         _revert_refused(context, exc)
         return _editor_page(request, context, status_code=exc.status_code)
     return flash(
         redirect(request, "/mesh/defaults"),
         f"Reverted the mesh defaults to revision {to}: saved as revision {row.revision}.",
     )
+
+
+@router.get("/mesh/defaults/changes/{change_id}")
+def defaults_change_progress(
+    request: Request, session: SessionDep, hub: HubDep, change_id: int
+) -> Response:
+    return _progress_fragment(request, session, hub, change_id, "", "", "/mesh/defaults/changes")
 
 
 @router.get("/mesh/defaults/revisions/{number}")

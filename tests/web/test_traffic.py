@@ -385,6 +385,26 @@ def test_mesh_defaults_editor_preview_save_and_revert(client: TestClient) -> Non
     assert (current["revision"], current["spec"]["timeout_ms"]) == (2, 15000)
 
 
+def test_a_mesh_defaults_change_reports_its_push_to_every_agent(client: TestClient) -> None:
+    create_service(client, "reviews")
+    agent = SimAgent(client, "reviews-a", "reviews", "v1", "10.0.0.1:9080")
+    agent.sync()
+    saved = client.post(
+        "/mesh/defaults",
+        data={"spec": "timeout_ms: 2500\n", "revision": "0", "reason": "tighter"},
+        follow_redirects=False,
+    )
+    assert saved.status_code == 303
+    page = client.get("/mesh/defaults").text
+    match = re.search(r'hx-get="(/mesh/defaults/changes/\d+)" hx-trigger="every 300ms"', page)
+    assert match, "the defaults change does not report its progress"
+    agent.sync()
+    done = client.get(match.group(1), headers=HX)
+    assert re.search(r"1/1 synced in \d+ ms", text_of(done.text))
+    assert "mesh defaults revision 1" in text_of(done.text)
+    assert client.get("/mesh/defaults/changes/999", headers=HX).status_code == 404
+
+
 # ---------------------------------------------------------------------------------------------
 # The catalog's dependencies field (which services' config an agent receives)
 
