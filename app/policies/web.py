@@ -342,7 +342,6 @@ def apply_weights(
                     request, session, hub, service, candidate=candidate, values=values
                 )
                 return toast(response, "Nothing changed: that split is already in force.", "info")
-            session.flush()
             response = _traffic_panel(
                 request, session, hub, service, candidate=candidate, change=change
             )
@@ -609,7 +608,7 @@ def traffic_revert(
         session.rollback()
         context = _traffic_editor_context(session, hub, service)
         _revert_refused(context, exc)
-        return _editor_page(request, context, status_code=exc.status_code)
+        return _editor_page(request, context, block="editor", status_code=exc.status_code)
     return flash(
         redirect(request, f"{_service_url(service)}/traffic"),
         f"Reverted to revision {to}: saved as revision {row.revision}.",
@@ -732,7 +731,7 @@ def defaults_revert(
         session.rollback()
         context = _defaults_editor_context(session, hub)
         _revert_refused(context, exc)
-        return _editor_page(request, context, status_code=exc.status_code)
+        return _editor_page(request, context, block="editor", status_code=exc.status_code)
     return flash(
         redirect(request, "/mesh/defaults"),
         f"Reverted the mesh defaults to revision {to}: saved as revision {row.revision}.",

@@ -211,3 +211,9 @@ def test_editing_a_policy_with_an_invalid_value_shows_the_inline_error(console: 
     page.get_by_role("button", name="Save").click()
     expect(page.locator(".flash")).to_contain_text("Saved revision")
     expect(page.locator("#revisions li").first).to_contain_text("in force")
+
+    # Revert an earlier revision: one click, a confirmation, and a new revision in force.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name=re.compile(r"^Revert to revision \d+$")).first.click()
+    expect(page.locator(".flash")).to_contain_text(re.compile(r"Reverted to revision \d+"))
+    expect(page.locator("#revisions li").first).to_contain_text("revert to")

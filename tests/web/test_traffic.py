@@ -316,9 +316,13 @@ def test_revert_creates_a_new_revision_with_the_old_content(client: TestClient) 
     assert weights(client) == {"v1": 90, "v2": 10}
     assert "Reverted to revision 1: saved as revision 3" in client.get(EDITOR).text
 
-    stale = client.post(f"{EDITOR}/revert", data={"to": "2", "revision": "2"})
+    stale = client.post(f"{EDITOR}/revert", data={"to": "2", "revision": "2"}, headers=HX)
     assert stale.status_code == 409
+    assert stale.text.lstrip().startswith('<form id="policy-form"')  # replaces the edit form
     assert "Reload the latest revision" in stale.text
+    missing = client.post(f"{EDITOR}/revert", data={"to": "9", "revision": "3"}, headers=HX)
+    assert missing.status_code == 404
+    assert "Not reverted: default/reviews has no traffic policy revision 9" in missing.text
     assert len(revisions(client)) == 3
 
 
