@@ -248,6 +248,9 @@ def test_editor_preview_shows_the_diff_and_stores_nothing(client: TestClient) ->
         (SPLIT_25 + "bogus: 1\n", "spec.bogus", "Extra inputs are not permitted"),
         ("routes: [\n", "spec", "not valid YAML: line"),
         ("- just a list\n", "spec", "must be a mapping"),
+        ("a: &x [1, 2]\nb: [*x, *x]\n", "spec", "line 2: YAML aliases (*name) are not supported"),
+        ("routes: " + "[" * 5000 + "]" * 5000 + "\n", "spec", "nested too deeply"),
+        ("x" * 100_001, "spec", "at most 100,000 characters"),
     ],
 )
 def test_editor_preview_lists_each_error_with_its_field_path(
