@@ -53,6 +53,7 @@ router = APIRouter(dependencies=[Depends(require_same_origin)])
 PRESETS = (0, 1, 5, 10, 25, 50, 100)
 TIMELINE_LENGTH = 20
 MAX_YAML_CHARS = 100_000
+MAX_FLOW_DEPTH = 32
 REVISIONS_PAGE = 50
 # Fired when a change settles, so the timeline re-reads its final state.
 CHANGED_EVENT = "traffic-changed"
@@ -100,17 +101,40 @@ def field_path(loc: Sequence[str | int], prefix: str = "spec") -> str:
     return path
 
 
+def _flow_depth(text: str) -> int:
+    """How deep ``[``/``{`` nest (quotes ignored: an overestimate is harmless). PyYAML's
+    scanner is quadratic in that depth, so a small deeply nested input would pin a CPU."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
 def parse_yaml_spec(text: str, model: type[M]) -> tuple[M | None, Issues]:
     """The spec typed in the editor, or every problem found, each with its field path."""
     if len(text) > MAX_YAML_CHARS:
         return None, [("spec", f"at most {MAX_YAML_CHARS:,} characters")]
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        return None, [("spec", "nested too deeply to be a policy")]
     try:
+        # Aliases are refused before anything is built: a few lines of them can expand into
+        # millions of nodes for the validator to walk ("billion laughs").
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                line = f"line {event.start_mark.line + 1}: " if event.start_mark else ""
+                return None, [("spec", f"{line}YAML aliases (*name) are not supported")]
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         return None, [("spec", f"not valid YAML: {where}{problem}")]
+    except RecursionError:
+        return None, [("spec", "nested too deeply to be a policy")]
     if data is None:
         data = {}
     if not isinstance(data, dict):
