@@ -470,7 +470,13 @@ def _traffic_editor_context(
     )
     changes = policies.recent_changes(session, service.namespace, service.name, limit=1)
     latest = change_read(changes[0], hub) if changes else None
-    effective = effective_config(session, service, spec)
+    try:
+        effective = effective_config(session, service, spec)
+    except ValidationError as exc:
+        # A catalog entry the agents' models refuse (e.g. an instance at port 0) must not take
+        # the editor down with it: say so where the effective config would be.
+        problems = "; ".join(str(e["msg"]) for e in exc.errors(include_url=False))
+        effective = {"config": None, "warnings": [f"cannot compile this service: {problems}"]}
     return {
         "section": "services",
         "service": service,

@@ -433,3 +433,15 @@ def test_service_form_edits_dependencies_one_per_line(client: TestClient) -> Non
     assert service["dependencies"] == ["ratings", "shop/payments"]
     edit = client.get("/services/default/checkout/edit").text
     assert "ratings\nshop/payments</textarea>" in edit
+
+
+def test_editor_survives_a_catalog_entry_the_compiler_refuses(client: TestClient) -> None:
+    create_service(client, "reviews")
+    response = client.post(
+        "/api/v1/services/reviews/instances", json={"address": "0:0", "version": "v1"}
+    )
+    assert response.status_code == 201, response.text
+    page = client.get(EDITOR)
+    assert page.status_code == 200
+    assert "cannot compile this service" in page.text
+    assert "port 0 out of range" in page.text
