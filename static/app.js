@@ -38,3 +38,38 @@
   var flash = document.querySelector(".flash");
   if (flash) setTimeout(function () { flash.classList.add("flash-fade"); }, 5000);
 })();
+
+// The canary control: preset buttons move the slider; the slider shows its value and the
+// split it would apply. Delegated, so it keeps working after htmx swaps the section.
+(function () {
+  "use strict";
+
+  function showShare(slider) {
+    var form = slider.form;
+    if (!form) return;
+    var share = parseInt(slider.value, 10) || 0;
+    var out = form.querySelector("output[for='" + slider.id + "']");
+    if (out) out.textContent = share + " %";
+    var cand = form.querySelector("[data-role='candidate-share']");
+    var base = form.querySelector("[data-role='baseline-share']");
+    if (cand) cand.textContent = String(share);
+    if (base) base.textContent = String(100 - share);
+    form.querySelectorAll("[data-share]").forEach(function (btn) {
+      btn.setAttribute("aria-pressed", btn.getAttribute("data-share") === String(share) ? "true" : "false");
+    });
+  }
+
+  document.addEventListener("click", function (evt) {
+    var btn = evt.target.closest && evt.target.closest("button[data-share]");
+    if (!btn || !btn.form) return;
+    var slider = btn.form.querySelector("input[type='range'][name='share']");
+    if (!slider) return;
+    slider.value = btn.getAttribute("data-share");
+    showShare(slider);
+  });
+
+  document.addEventListener("input", function (evt) {
+    var el = evt.target;
+    if (el && el.matches && el.matches("input[type='range'][name='share']")) showShare(el);
+  });
+})();

@@ -84,7 +84,21 @@ def format_labels(labels: dict[str, str]) -> str:
     return "\n".join(f"{key}={value}" for key, value in sorted(labels.items()))
 
 
-SERVICE_FIELDS = ("namespace", "name", "owner_team", "description", "links", "labels", "reason")
+SERVICE_FIELDS = (
+    "namespace",
+    "name",
+    "owner_team",
+    "description",
+    "links",
+    "labels",
+    "dependencies",
+    "reason",
+)
+
+
+def parse_dependencies(text: str) -> list[str]:
+    """One service per line: ``name`` (same namespace) or ``namespace/name``."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _values_from_form(form: FormData) -> dict[str, str]:
@@ -100,6 +114,7 @@ def _values_from_service(service: Service) -> dict[str, str]:
         "description": service.description,
         "links": format_links(service.links),
         "labels": format_labels(service.labels),
+        "dependencies": "\n".join(service.dependencies),
         "reason": "",
         "revision": str(service.revision),
     }
@@ -115,6 +130,7 @@ def _parse_service_form(
         "description": values["description"],
         "links": links,
         "labels": labels,
+        "dependencies": parse_dependencies(values["dependencies"]),
     }
     if create:
         data["namespace"] = values["namespace"].strip() or "default"
