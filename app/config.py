@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     """OTLP requests decoded and stored at once; the rest wait, so the console keeps its threads."""
     otlp_max_waiting: int = Field(default=64, ge=0)
     """OTLP requests allowed to wait for a slot; beyond it they get 503 with Retry-After."""
+    otlp_worker_processes: int = Field(default=1, ge=0, le=32)
+    """Processes that decode and store spans, so ingest never competes with the console for
+    the interpreter lock; 0: threads of the console's own process."""
     otlp_store: bool = True
     """False: decode and validate OTLP requests but store nothing (benchmark peer, dry runs)."""
     span_attributes_max_bytes: int = Field(default=4096, ge=256)

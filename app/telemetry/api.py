@@ -107,8 +107,7 @@ async def _receive(request: Request, signal: Signal) -> Response:
         content_encoding = request.headers.get("content-encoding")
         limiter = receiver.slots.limiter
         if signal == "traces":
-            work = partial(receiver.store_traces, body, encoding, content_encoding)
-            content = await anyio.to_thread.run_sync(work, limiter=limiter)
+            content = await receiver.store_traces(body, encoding, content_encoding)
         else:
             started = time.perf_counter()
             decode = partial(receiver.decode_metrics, body, encoding, content_encoding)

@@ -11,13 +11,22 @@ and a failed transaction fails every request in it (they retry), so nothing is h
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
+import multiprocessing
 import queue
+import signal
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import anyio
+from sqlalchemy.exc import OperationalError
 
 from app import metrics
 from app.config import Settings
@@ -118,29 +127,46 @@ class Receiver:
         self.limiter = ClientRateLimiter(settings.otlp_rate_per_s, settings.otlp_burst)
         self.slots = IngestSlots(settings.otlp_max_concurrent, settings.otlp_max_waiting)
         self.writer = RollupWriter(database)
+        self._processes: ProcessPoolExecutor | None = None
+        if settings.otlp_worker_processes:
+            self._processes = ProcessPoolExecutor(
+                max_workers=settings.otlp_worker_processes,
+                # Not fork: the console's process has threads (and locks held by them).
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(database.url, settings.model_dump(mode="json")),
+            )
+            # Started by the first span export, not here: most apps a test suite creates
+            # never receive one, and spawning costs a second or more.
 
     def close(self) -> None:
         self.writer.close()
+        if self._processes is not None:
+            self._processes.shutdown(wait=True, cancel_futures=True)
 
-    def store_traces(
+    async def store_traces(
         self, body: bytes, encoding: otlp.Encoding, content_encoding: str | None
     ) -> bytes:
-        """Decode and store one trace export (blocking); the response body."""
-        started = time.perf_counter()
-        data = otlp.decompress(body, content_encoding, self.settings.otlp_max_bytes)
-        request = otlp.decode_traces(data, encoding)
-        rows = ingest.span_rows(
-            request,
-            max_attribute_bytes=self.settings.span_attributes_max_bytes,
-            received_at=datetime.now(UTC),
-        )
-        metrics.SPANS_RECEIVED.inc(len(rows))
-        if rows and self.settings.otlp_store:
-            with _transaction(self.database, write=True) as session:
-                ingest.store_spans(session, rows)
-            metrics.SPANS_STORED.inc(len(rows))
-        metrics.INGEST_SECONDS.labels("traces").observe(time.perf_counter() - started)
-        return otlp.encode_response(encoding, "traces")
+        """Decode and store one trace export; the response body. In a worker process when
+        there is one, else in a thread; either way this coroutine only waits."""
+        limiter = self.slots.limiter
+        if self._processes is not None:
+            async with limiter:
+                future = self._processes.submit(
+                    _store_traces_in_worker, body, encoding, content_encoding
+                )
+                response, received, stored, seconds = await asyncio.wrap_future(future)
+        else:
+            work = partial(
+                _store_traces, self.database, self.settings, body, encoding, content_encoding
+            )
+            response, received, stored, seconds = await anyio.to_thread.run_sync(
+                work, limiter=limiter
+            )
+        metrics.SPANS_RECEIVED.inc(received)
+        metrics.SPANS_STORED.inc(stored)
+        metrics.INGEST_SECONDS.labels("traces").observe(seconds)
+        return response
 
     def decode_metrics(
         self, body: bytes, encoding: otlp.Encoding, content_encoding: str | None
@@ -150,3 +176,55 @@ class Receiver:
         batch = ingest.rollup_deltas(otlp.decode_metrics(data, encoding), now_ns=time.time_ns())
         metrics.METRIC_POINTS_RECEIVED.inc(batch.points)
         return batch
+
+
+def _store_traces(
+    database: Database,
+    settings: Settings,
+    body: bytes,
+    encoding: otlp.Encoding,
+    content_encoding: str | None,
+) -> tuple[bytes, int, int, float]:
+    """(response body, spans received, spans stored, seconds taken); raises OtlpError."""
+    started = time.perf_counter()
+    data = otlp.decompress(body, content_encoding, settings.otlp_max_bytes)
+    request = otlp.decode_traces(data, encoding)
+    rows = ingest.span_rows(
+        request,
+        max_attribute_bytes=settings.span_attributes_max_bytes,
+        received_at=datetime.now(UTC),
+    )
+    stored = 0
+    if rows and settings.otlp_store:
+        with _transaction(database, write=True) as session:
+            ingest.store_spans(session, rows)
+        stored = len(rows)
+    response = otlp.encode_response(encoding, "traces")
+    return response, len(rows), stored, time.perf_counter() - started
+
+
+# -- the worker process ------------------------------------------------------------------------
+
+_worker: tuple[Database, Settings] | None = None
+
+
+def _start_worker(database_url: str, settings: dict[str, Any]) -> None:
+    global _worker
+    # The console's process handles Ctrl-C and shuts the pool down; the worker must not die
+    # half-way through a transaction because the terminal's SIGINT reached it too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker = (Database(database_url), Settings(**settings))
+
+
+def _store_traces_in_worker(
+    body: bytes, encoding: otlp.Encoding, content_encoding: str | None
+) -> tuple[bytes, int, int, float]:
+    assert _worker is not None
+    database, settings = _worker
+    try:
+        return _store_traces(database, settings, body, encoding, content_encoding)
+    except otlp.OtlpError:
+        raise
+    except OperationalError:
+        # Database errors do not all survive pickling; what the sender needs is "retry".
+        raise otlp.OtlpError(503, "the database is busy; retry later", "database_busy") from None

@@ -6,12 +6,20 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import uvicorn
 
 from app.config import Settings
 from app.db import Database
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    """Spans stored by threads of the test's process: a worker process per test would cost a
+    second or more each. The worker-process path has its own tests (``process_receiver``)."""
+    return Settings(data_dir=tmp_path, database_url=db_url, otlp_worker_processes=0)
 
 
 @dataclass
@@ -22,6 +30,17 @@ class LiveReceiver:
 
 @pytest.fixture
 def live_receiver(settings: Settings, database: Database) -> Iterator[LiveReceiver]:
+    yield from _serve(settings, database)
+
+
+@pytest.fixture
+def process_receiver(tmp_path: Path, db_url: str, database: Database) -> Iterator[LiveReceiver]:
+    """A live receiver that stores spans in a worker process, as ``meshctl serve`` does."""
+    settings = Settings(data_dir=tmp_path, database_url=db_url, otlp_worker_processes=1)
+    yield from _serve(settings, database)
+
+
+def _serve(settings: Settings, database: Database) -> Iterator[LiveReceiver]:
     from app.main import create_app
 
     with socket.socket() as sock:

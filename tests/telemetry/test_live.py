@@ -45,6 +45,26 @@ def test_the_sdk_exporter_delivers_spans(
     assert names == {"invoice", "db"}
 
 
+def test_the_worker_process_refuses_bad_spans_with_the_reason(
+    process_receiver: LiveReceiver,
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    from google.rpc.status_pb2 import Status
+
+    request = urllib.request.Request(
+        process_receiver.url + "/v1/traces",
+        data=b"\x0a\xff\xff\xff\xff\x0fgarbage",
+        headers={"Content-Type": "application/x-protobuf"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    assert "protobuf" in Status.FromString(refused.value.read()).message
+
+
 def rollup_totals(receiver: LiveReceiver) -> dict[tuple[str, str, str], tuple[int, int, list[int]]]:
     """(source, destination, version) → (requests, failures, histogram) at 10 s resolution."""
     totals: dict[tuple[str, str, str], tuple[int, int, list[int]]] = {}
