@@ -59,6 +59,7 @@ TARGET_SPANS_S = 20_000
 COLLECTOR_SPANS_S_PER_CORE = 12_000
 TARGET_CATALOG_RATIO = 2.0
 TARGET_METRICS_CPU = 0.10
+CATALOG_PAUSE_S = 0.1
 SERVICES = ["frontend", "cart", "checkout", "payments", "reviews", "ratings", "search", "ads"]
 
 
@@ -202,8 +203,19 @@ def serve(url: str, workdir: Path, **env: str) -> Iterator[tuple[int, int]]:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of the server and its child processes (the span workers)."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            pending.extend(int(child) for child in task.read_text().split())
+    return total
 
 
 def post_all(
@@ -238,11 +250,15 @@ def post_all(
     return time.perf_counter() - began, statuses
 
 
-def page_latencies(port: int, stop: threading.Event | None, requests: int) -> list[float]:
+def page_latencies(
+    port: int, stop: threading.Event | None, requests: int, pause_s: float = 0.0
+) -> list[float]:
+    """Catalog page times (ms), one request every ``pause_s`` at most: a person browsing, not
+    a load generator (which would mostly measure its own load on the console)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     samples = []
     for i in range(requests + 5):
-        if stop is not None and stop.is_set():
+        if stop is not None and stop.wait(pause_s):
             break
         began = time.perf_counter()
         connection.request("GET", "/services")
@@ -296,7 +312,7 @@ def measure_spans(
     with serve(url, workdir, **env) as (port, pid):
         rest: list[float] = []
         if catalog:
-            rest = page_latencies(port, None, 200)
+            rest = page_latencies(port, threading.Event(), 100, CATALOG_PAUSE_S)
         # warm the receiver (imports, connection pools) outside the timed run
         post_all(port, bodies[:2], 1, "/v1/traces", "application/x-protobuf")
         cpu0 = cpu_seconds(pid)
@@ -333,36 +349,52 @@ def measure_spans(
 def measure_metrics(
     backend: str, url: str, workdir: Path, bodies: list[bytes], seconds: float
 ) -> MetricsRow:
+    """Open loop: request i is due at i / rate, sent by whichever of 16 connections is free,
+    so a slow answer does not lower the offered rate."""
     rate = len(bodies) / 10.0  # every agent once per 10 s
     total = int(rate * seconds)
     statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    next_index = [0]
     with serve(url, workdir) as (port, pid):
         post_all(port, bodies[:2], 1, "/v1/metrics", "application/x-protobuf")  # warm up
-        connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(4)]
         cpu0 = cpu_seconds(pid)
         began = time.perf_counter()
-        for i in range(total):
-            due = began + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            connection = connections[i % len(connections)]
-            connection.request(
-                "POST",
-                "/v1/metrics",
-                body=bodies[i % len(bodies)],
-                headers={
-                    "Content-Type": "application/x-protobuf",
-                    "Authorization": f"Bearer agent-{i % len(bodies)}",
-                },
-            )
-            response = connection.getresponse()
-            response.read()
-            statuses[response.status] = statuses.get(response.status, 0) + 1
+
+        def sender() -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            while True:
+                with lock:
+                    i = next_index[0]
+                    next_index[0] += 1
+                if i >= total:
+                    break
+                delay = began + i / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                agent = i % len(bodies)
+                connection.request(
+                    "POST",
+                    "/v1/metrics",
+                    body=bodies[agent],
+                    headers={
+                        "Content-Type": "application/x-protobuf",
+                        "Authorization": f"Bearer agent-{agent}",
+                    },
+                )
+                response = connection.getresponse()
+                response.read()
+                with lock:
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+            connection.close()
+
+        threads = [threading.Thread(target=sender) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         elapsed = time.perf_counter() - began
         cpu = cpu_seconds(pid) - cpu0
-        for connection in connections:
-            connection.close()
     points = total * 6
     return MetricsRow(
         backend=backend,
