@@ -4,8 +4,8 @@ Spans are stored by the request that carried them (512 spans make one INSERT wor
 transaction). Metric requests are small and frequent (1,000 agents every 10 s are 100 a second)
 and would spend most of their time beginning and committing transactions, so they are group
 committed: each request hands its decoded deltas to one writer thread and waits for the
-transaction that stores them; the writer takes everything queued since its last commit and
-writes it in one transaction. A request is still answered only once its data is committed,
+transaction that stores them; the writer takes everything queued within 50 ms of the first
+and writes it in one transaction. A request is still answered only once its data is committed,
 and a failed transaction fails every request in it (they retry), so nothing is half stored.
 """
 
@@ -44,8 +44,10 @@ _transaction = contextmanager(session_scope)
 class RollupWriter:
     """One thread that adds queued metric deltas to the rollups, many requests per commit."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, linger_s: float = 0.05, max_batch: int = 500) -> None:
         self._database = database
+        self.linger_s = linger_s
+        self.max_batch = max_batch
         self._queue: queue.SimpleQueue[
             tuple[dict[ingest.RollupKey, ingest.RollupDelta], concurrent.futures.Future[None]]
             | None
@@ -80,9 +82,17 @@ class RollupWriter:
                 return
             batch = [item]
             stop = False
-            while True:
+            # Linger a moment for more: at 100 reports a second, 50 ms make one transaction of
+            # about five (agents do not mind the wait; the database minds the commits).
+            deadline = time.monotonic() + self.linger_s
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
                 try:
-                    more = self._queue.get_nowait()
+                    more = (
+                        self._queue.get(timeout=remaining)
+                        if remaining > 0
+                        else self._queue.get_nowait()
+                    )
                 except queue.Empty:
                     break
                 if more is None:
