@@ -328,7 +328,9 @@ def measure_spans(
         sampler = None
         if catalog:
             sampler = threading.Thread(
-                target=lambda: during.extend(page_latencies(port, stop, 10_000))
+                target=lambda: during.extend(
+                    page_latencies(port, stop, 10_000, CATALOG_PAUSE_DURING_INGEST_S)
+                )
             )
             sampler.start()
         seconds, statuses = post_all(
