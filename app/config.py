@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     """OTLP requests allowed to wait for a slot; beyond it they get 503 with Retry-After."""
     otlp_require_token: bool = True
     """False: accept telemetry without the join token (e.g. behind a collector that checks it)."""
+    otlp_worker_processes: int = Field(default=1, ge=0, le=32)
+    """Processes that decode and store spans, so ingest never competes with the console for
+    the interpreter lock; 0: threads of the console's own process."""
     otlp_store: bool = True
     """False: decode and validate OTLP requests but store nothing (benchmark peer, dry runs)."""
     span_attributes_max_bytes: int = Field(default=4096, ge=256)

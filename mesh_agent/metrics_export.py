@@ -107,7 +107,8 @@ class MetricsExporter:
         self._pending: dict[Key, list[Any]] = {}
         self._pending_since = clock_ns()
         self._task: asyncio.Task[None] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pending, _pending_since, _last
+        self._send_lock = threading.Lock()
         self.exports = 0  # successful POSTs
         self.failures = 0
         self.dropped_points = 0
@@ -115,10 +116,18 @@ class MetricsExporter:
     # -- the delta ------------------------------------------------------------------------
 
     def collect(self) -> None:
-        """Add what was counted since the last call to the pending delta."""
+        """Add what was counted since the last call to the pending delta.
+
+        Call it from the thread that records (the event loop): a copy taken from another
+        thread could catch a request counted but not yet put in its latency bucket."""
+        counters = self.telemetry.counters()
+        with self._lock:
+            self._add_deltas(counters)
+
+    def _add_deltas(self, counters: list[tuple[Key, list[Any]]]) -> None:
         pending = self._pending
         last = self._last
-        for key, current in self.telemetry.counters():
+        for key, current in counters:
             previous = last.get(key)
             last[key] = current
             if previous is None:
@@ -138,6 +147,10 @@ class MetricsExporter:
 
     def encode(self, end_ns: int) -> bytes:
         """The pending delta as a protobuf ExportMetricsServiceRequest."""
+        with self._lock:
+            return self._encode(self._pending, self._pending_since, end_ns)
+
+    def _encode(self, pending: dict[Key, list[Any]], start_ns: int, end_ns: int) -> bytes:
         telemetry = self.telemetry
         own = (telemetry.service, telemetry.version)
         request = self._message_type()
@@ -157,7 +170,7 @@ class MetricsExporter:
         metric.unit = "ms"
         metric.histogram.aggregation_temporality = _DELTA
         points = metric.histogram.data_points
-        for (source, destination, dest_version, status_class), series in self._pending.items():
+        for (source, destination, dest_version, status_class), series in pending.items():
             reporter = (
                 "destination"
                 if (destination, dest_version) == own and source != telemetry.service
@@ -174,11 +187,12 @@ class MetricsExporter:
                 attribute = point.attributes.add()
                 attribute.key = key
                 attribute.value.string_value = value
-            point.start_time_unix_nano = self._pending_since
+            buckets = series[2:]
+            point.start_time_unix_nano = start_ns
             point.time_unix_nano = end_ns
-            point.count = series[0]
+            point.count = sum(buckets)  # consistent with the buckets by construction
             point.sum = series[1] * 1000.0
-            point.bucket_counts.extend(series[2:])
+            point.bucket_counts.extend(buckets)
             point.explicit_bounds.extend(_BOUNDS)
         body: bytes = request.SerializeToString()
         return body
@@ -186,45 +200,58 @@ class MetricsExporter:
     # -- exporting ------------------------------------------------------------------------
 
     def export(self) -> bool:
-        """Collect and send the pending delta (blocking; call from a worker thread or at exit).
-
-        True when there was nothing to send or the receiver took it. A refusal of the data
-        itself (4xx other than 408/429) drops it: sending it again cannot succeed.
-        """
-        with self._lock:  # the timer's export and the final one at stop() must not interleave
-            return self._export()
-
-    def _export(self) -> bool:
+        """Collect and send (blocking): for callers on the recording thread, and tests."""
         self.collect()
-        now = self._clock()
-        if not self._pending:
-            self._pending_since = now
-            return True
-        if now - self._pending_since > self.max_backlog_ns:
-            self._drop("older than the backlog limit")
-            return False
-        status = self._post(self.url, self.encode(now), self.headers, self.timeout_s)
-        if status is not None and 200 <= status < 300:
-            self.exports += 1
-            self._pending = {}
-            self._pending_since = now
-            return True
-        self.failures += 1
-        if status is not None and 400 <= status < 500 and status not in (408, 429):
-            log.warning(
-                "metrics export to %s refused with HTTP %s; delta dropped", self.url, status
-            )
-            self._drop("refused")
-            self._pending_since = now
-        elif status is not None:
-            log.warning("metrics export to %s got HTTP %s; will retry", self.url, status)
-        return False
+        return self.send()
 
-    def _drop(self, why: str) -> None:
-        self.dropped_points += len(self._pending)
-        log.warning("dropping %d unsent metric points (%s)", len(self._pending), why)
-        self._pending = {}
-        self._pending_since = self._clock()
+    def send(self) -> bool:
+        """POST the pending delta (blocking; any thread). True when there was nothing to send
+        or the receiver took it. A failed send puts its delta back, to go with the next one;
+        a refusal of the data itself (4xx other than 408/429) drops it, since sending it again
+        cannot succeed."""
+        with self._send_lock:  # the timer's send and the last one at stop() never overlap
+            now = self._clock()
+            with self._lock:
+                sent, since = self._pending, self._pending_since
+                if not sent:
+                    self._pending_since = now
+                    return True
+                if now - since > self.max_backlog_ns:
+                    self._drop(sent, "older than the backlog limit")
+                    return False
+                body = self._encode(sent, since, now)
+                self._pending, self._pending_since = {}, now
+            status = self._post(self.url, body, self.headers, self.timeout_s)
+            if status is not None and 200 <= status < 300:
+                self.exports += 1
+                return True
+            self.failures += 1
+            if status is not None and 400 <= status < 500 and status not in (408, 429):
+                log.warning(
+                    "metrics export to %s refused with HTTP %s; delta dropped", self.url, status
+                )
+                with self._lock:
+                    self._drop(sent, "refused")
+                return False
+            if status is not None:
+                log.warning("metrics export to %s got HTTP %s; will retry", self.url, status)
+            with self._lock:  # back in front of whatever was collected meanwhile
+                for key, values in self._pending.items():
+                    into = sent.get(key)
+                    if into is None:
+                        sent[key] = values
+                    else:
+                        for i in range(_WIDTH):
+                            into[i] += values[i]
+                self._pending, self._pending_since = sent, since
+            return False
+
+    def _drop(self, pending: dict[Key, list[Any]], why: str) -> None:
+        self.dropped_points += len(pending)
+        log.warning("dropping %d unsent metric points (%s)", len(pending), why)
+        if pending is self._pending:
+            self._pending = {}
+            self._pending_since = self._clock()
 
     def start(self) -> None:
         """Export every ``interval_s`` on the running loop until :meth:`stop`."""
@@ -236,7 +263,8 @@ class MetricsExporter:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await loop.run_in_executor(None, self.export)
+                self.collect()  # here, on the loop the proxy records on
+                await loop.run_in_executor(None, self.send)
             except Exception:  # never let a bug here take the exporter (or the agent) down
                 log.exception("metrics export failed unexpectedly")
 
@@ -247,4 +275,5 @@ class MetricsExporter:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await asyncio.get_running_loop().run_in_executor(None, self.export)
+        self.collect()
+        await asyncio.get_running_loop().run_in_executor(None, self.send)

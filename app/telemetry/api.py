@@ -1,20 +1,17 @@
 """OTLP/HTTP receiver (``/v1/traces``, ``/v1/metrics``) and the traces JSON API.
 
-The receiver's routes are async only to read the body and apply the guards without a thread;
-decoding and the database write run in ingest's own worker threads (see ``throttle``).
+The receiver's routes are async so that the guards, reading the body and waiting for the
+store cost no thread; decoding and writing happen in ingest's own workers (``receiver``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Annotated, Literal
 
-import anyio
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import Response
+from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
 
 from app import metrics
@@ -111,22 +108,8 @@ async def _receive(request: Request, signal: Signal) -> Response:
             metrics.OTLP_REJECTED.labels(signal, "busy").inc()
             return _error(encoding, 503, "ingest is saturated; retry later", {"Retry-After": "1"})
         content_encoding = request.headers.get("content-encoding")
-        limiter = receiver.slots.limiter
-        if signal == "traces":
-            work = partial(receiver.store_traces, body, encoding, content_encoding)
-            content = await anyio.to_thread.run_sync(work, limiter=limiter)
-        else:
-            started = time.perf_counter()
-            decode = partial(receiver.decode_metrics, body, encoding, content_encoding)
-            batch = await anyio.to_thread.run_sync(decode, limiter=limiter)
-            if batch.deltas and settings.otlp_store:
-                # Waits for the commit without holding a thread (see receiver.RollupWriter).
-                await asyncio.wrap_future(receiver.writer.submit(batch.deltas))
-                metrics.METRIC_POINTS_STORED.inc(batch.stored)
-            metrics.INGEST_SECONDS.labels("metrics").observe(time.perf_counter() - started)
-            content = otlp.encode_response(
-                encoding, "metrics", batch.points - batch.stored, batch.message
-            )
+        store = receiver.store_traces if signal == "traces" else receiver.store_metrics
+        content = await store(body, encoding, content_encoding)
     except otlp.OtlpError as exc:
         metrics.OTLP_REJECTED.labels(signal, exc.reason).inc()
         return _error(encoding, exc.status, exc.message)
@@ -157,8 +140,6 @@ def _error(
     if encoding == otlp.PROTOBUF:
         body = Status(code=_GRPC_CODES.get(status, 2), message=message).SerializeToString()
         return Response(body, status_code=status, media_type=otlp.PROTOBUF, headers=headers)
-    from google.protobuf import json_format
-
     status_message = Status(code=_GRPC_CODES.get(status, 2), message=message)
     return Response(
         json_format.MessageToJson(status_message, indent=None),

@@ -55,10 +55,14 @@ class OtlpError(Exception):
     """A request the receiver refuses; ``reason`` is the label of the rejection counter."""
 
     def __init__(self, status: int, message: str, reason: str) -> None:
-        super().__init__(message)
+        # All three in args: the error must survive pickling back from an ingest process.
+        super().__init__(status, message, reason)
         self.status = status
         self.message = message
         self.reason = reason
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def media_type(content_type: str | None) -> Encoding:

@@ -234,12 +234,12 @@ def waterfall(spans: Sequence[SpanRead]) -> tuple[list[WaterfallRow], float]:
     return rows, (t1 - t0) / 1e6
 
 
-_MAX_NS = 2**63 - 1  # a signed 64-bit column on both databases
+_INT64 = 2**63 - 1
 
 
 def _ns(value: datetime) -> int:
-    # Clamped: a search "since the year 2263" finds nothing rather than overflowing the column.
-    return max(-_MAX_NS, min(_MAX_NS, int(value.timestamp() * 1_000_000) * 1000))
+    # Clamped: a date past 2262 is beyond what a 64-bit nanosecond column holds.
+    return max(-_INT64, min(_INT64, int(value.timestamp() * 1_000_000) * 1000))
 
 
 def _datetime(ns: int) -> datetime:

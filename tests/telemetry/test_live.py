@@ -45,6 +45,26 @@ def test_the_sdk_exporter_delivers_spans(
     assert names == {"invoice", "db"}
 
 
+def test_the_worker_process_refuses_bad_spans_with_the_reason(
+    process_receiver: LiveReceiver,
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    from google.rpc.status_pb2 import Status
+
+    request = urllib.request.Request(
+        process_receiver.url + "/v1/traces",
+        data=b"\x0a\xff\xff\xff\xff\x0fgarbage",
+        headers={"Content-Type": "application/x-protobuf"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    assert "protobuf" in Status.FromString(refused.value.read()).message
+
+
 def rollup_totals(receiver: LiveReceiver) -> dict[tuple[str, str, str], tuple[int, int, list[int]]]:
     """(source, destination, version) → (requests, failures, histogram) at 10 s resolution."""
     totals: dict[tuple[str, str, str], tuple[int, int, list[int]]] = {}
@@ -240,3 +260,27 @@ def test_concurrent_metric_posts_add_up_exactly(live_receiver: LiveReceiver) -> 
     requests, failures, counts = rollup_totals(live_receiver)[("web", "reviews", "v2")]
     assert (requests, failures) == (180, 60)
     assert counts[histogram.LATENCY_BOUNDS_MS.index(5)] == 180
+
+
+def test_a_backlog_older_than_the_limit_is_dropped_not_sent() -> None:
+    telemetry = agent()
+    now = [0]
+    posted: list[bytes] = []
+
+    def down(url: str, body: bytes, headers: object, timeout: float) -> None:
+        posted.append(body)
+        return None
+
+    exporter = MetricsExporter(
+        telemetry, "http://cp:8000", post=down, max_backlog_s=60, clock_ns=lambda: now[0]
+    )
+    telemetry.record(
+        source="web", destination="x", destination_version="v1", status=200, duration_s=0.01
+    )
+    assert not exporter.export()  # failed: kept
+    now[0] = 30 * 10**9
+    assert not exporter.export()  # failed again: still kept, sent again
+    now[0] = 61 * 10**9
+    assert not exporter.export()  # too old now: dropped without a send
+    assert (len(posted), exporter.dropped_points) == (2, 1)
+    assert exporter.export()  # nothing left

@@ -165,6 +165,7 @@ def small_client(tmp_path: Path, db_url: str, database: Database) -> TestClient:
         allowed_hosts=["testserver"],
         otlp_rate_per_s=0.01,
         otlp_burst=3,
+        otlp_worker_processes=0,
     )
     return TestClient(create_app(settings, database))
 

@@ -110,3 +110,26 @@ def test_each_rollup_resolution_keeps_its_own_history(
     # 10 s: about an hour; 60 s: about a day; 600 s: about a week.
     assert kept == {(10, 0.5), (60, 0.5), (60, 2.0), (600, 0.5), (600, 2.0), (600, 30.0)}
     assert total == 6
+
+
+def test_the_app_prunes_in_the_background(database: Database, db_url: str, tmp_path: Path) -> None:
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    add_spans(database, [datetime.now(UTC) - timedelta(hours=100)] * 3, "aa")
+    add_spans(database, [datetime.now(UTC)] * 2, "bb")
+    app = create_app(
+        settings(tmp_path, db_url, retention_interval_s=0.05, otlp_worker_processes=0), database
+    )
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while span_tags(database) != {"bb": 2}:  # the pruner has no event to wait on
+            assert time.monotonic() < deadline, "the background pruner did not run"
+            time.sleep(0.05)
+        assert (
+            'mesh_telemetry_pruned_rows_total{rule="age",table="spans"}'
+            in client.get("/metrics").text
+        )

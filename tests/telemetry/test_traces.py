@@ -239,3 +239,12 @@ def test_skewed_trace_page_says_so(client: TestClient) -> None:
     send(client, "skewed", [span(9, 92, 91, "work", 50, 150)], base)
     text = client.get(f"/traces/{9:032x}").text
     assert "Clock skew" in text and "⚠ clock skew" in text
+
+
+def test_far_dates_are_just_empty_windows(client: TestClient) -> None:
+    response = client.get("/api/v1/traces", params={"since": "2263-01-01T00:00:00Z"})
+    assert response.status_code == 200 and response.json()["items"] == []
+    response = client.get(
+        "/api/v1/traces", params={"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T00:00:00Z"}
+    )
+    assert response.status_code == 200
