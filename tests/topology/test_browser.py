@@ -120,12 +120,13 @@ def test_clicking_an_edge_shows_its_figures_and_a_refresh_keeps_zoom_and_selecti
         "/traces?service=reviews"
     )
 
-    page.evaluate("() => window.meshTopology.zoom(1.7)")
+    page.evaluate("() => { window.meshTopology.zoom(1.7); }")  # zoom() returns the graph
     before = page.locator("#topology-status").inner_text()
     page.wait_for_function(
         "(before) => document.getElementById('topology-status').textContent !== before",
         arg=before,
-        timeout=15_000,
+        polling=200,  # not requestAnimationFrame: an idle canvas page may not draw frames
+        timeout=30_000,
     )
     assert graph(page)["zoom"] == pytest.approx(1.7)
     assert panel.is_visible()
