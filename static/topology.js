@@ -268,12 +268,16 @@
     filtersChanged();
   });
 
-  // Opened by the reader: fill it now rather than at the next refresh.
-  document.addEventListener("toggle", function (evt) {
-    if (evt.target && evt.target.id === "topology-table" && evt.target.open) {
-      refreshTable(params().toString(), generation);
-    }
-  }, true);
+  // Opened by the reader (mouse or keyboard both click the summary): fill it now rather than
+  // at the next refresh. Not on "toggle": a swapped-in <details open> fires it too, which
+  // would refresh again, forever.
+  document.addEventListener("click", function (evt) {
+    var summary = evt.target.closest && evt.target.closest("#topology-table > summary");
+    if (!summary) return;
+    setTimeout(function () {
+      if (tableOpen()) refreshTable(params().toString(), generation);
+    }, 0);
+  });
 
   cy.on("tap", "node", function (evt) {
     var url = evt.target.data("url");

@@ -29,6 +29,7 @@ from app.topology.stages import CatalogEntry, GraphInputs, GraphOptions, GroupBy
 __all__ = [
     "InvalidParameterError",
     "TopologyQuery",
+    "catalog_entries",
     "health_by_service",
     "recent_traces",
     "service_metrics",
@@ -70,7 +71,8 @@ def _window_read(window: Window) -> schemas.WindowRead:
     )
 
 
-def _catalog(session: Session) -> list[CatalogEntry]:
+def catalog_entries(session: Session) -> list[CatalogEntry]:
+    """Every catalog service with its owner team, by namespace and name."""
     rows = session.execute(
         select(Service.namespace, Service.name, Service.owner_team).order_by(
             Service.namespace, Service.name
@@ -137,7 +139,7 @@ def topology(
 ) -> schemas.Topology:
     window = read.window_for(query.window, now)
     edges, covered = edge_cache.edges(session, window, namespace=query.namespace)
-    catalog = _catalog(session)
+    catalog = catalog_entries(session)
     focus = _resolve_focus(query.focus, query.namespace, catalog, edges) if query.focus else None
     options = GraphOptions(
         versions=query.versions,

@@ -149,11 +149,9 @@ def topology_page(
     }
     if not request.headers.get("hx-request"):
         context["namespaces"] = catalog.list_namespaces(session)
-        context["service_names"] = sorted(
-            {f"{node.namespace}/{node.service}" for node in graph.nodes if node.service}
-            if graph
-            else []
-        )
+        context["service_names"] = [
+            f"{entry.namespace}/{entry.name}" for entry in service.catalog_entries(session)
+        ]
     return render(request, "topology/page.html", context, "table", status_code=status_code)
 
 

@@ -4,12 +4,16 @@ them, at every resolution the window queries read."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from app.catalog import service as catalog
+from app.catalog.schemas import ServiceCreate
+from app.db import Database, make_engine
+from app.migrate import upgrade
 from app.telemetry import histogram
 from app.telemetry.models import RESOLUTIONS_S, EdgeRollup
 from app.telemetry.read import align
@@ -85,3 +89,39 @@ def insert_rollups(session: Session, rows: Iterable[dict[str, Any]]) -> None:
         found["latency_counts"] = histogram.merge([found["latency_counts"], row["latency_counts"]])
     if merged:
         session.execute(insert(EdgeRollup), list(merged.values()))
+
+
+# outside → productpage → reviews (v1 fine, v2 failing) → ratings; productpage → details.
+SERVICES = [
+    ("productpage", "web"),
+    ("reviews", "books"),
+    ("ratings", "books"),
+    ("details", "books"),
+]
+
+
+def seed_mesh(url: str) -> None:
+    """Migrate the database at ``url`` and seed four catalog services with ~5 minutes of
+    traffic ending now."""
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    database = Database(url)
+    now = datetime.now(UTC)
+    rows = []
+    for step in range(1, 30):
+        at = now - timedelta(seconds=10 * step)
+        rows += rollup_rows(at, "", "productpage", requests=50)
+        rows += rollup_rows(at, "productpage", "reviews", requests=30, latencies_ms=[8, 30])
+        rows += rollup_rows(
+            at, "productpage", "reviews", requests=10, failures=4, dest_version="v2"
+        )
+        rows += rollup_rows(at, "reviews", "ratings", requests=20)
+        rows += rollup_rows(at, "productpage", "details", requests=50)
+    with database.session(write=True) as session:
+        for name, team in SERVICES:
+            data = ServiceCreate(name=name, owner_team=team)
+            catalog.create_service(session, "seed", data=data)
+        insert_rollups(session, rows)
+        session.commit()
+    database.dispose()

@@ -20,6 +20,11 @@ def test_callers_sit_left_of_what_they_call_by_longest_path() -> None:
     assert layer(positions, "cache") == 1
     assert layer(positions, "db") == 2  # longest path web → api → db, not the direct call
 
+    # The shallow caller of the deep node is seen last: its depth must not win.
+    edges = [("r", "x"), ("x", "y"), ("y", "z"), ("q", "z")]
+    positions = layered_layout({n for e in edges for n in e}, edges)
+    assert [layer(positions, n) for n in ("q", "r", "x", "y", "z")] == [0, 0, 1, 2, 3]
+
 
 def test_nodes_in_a_layer_do_not_overlap_and_lone_nodes_go_right() -> None:
     edges = [("root", f"leaf-{i}") for i in range(5)]

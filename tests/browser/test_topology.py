@@ -1,12 +1,19 @@
-"""The topology page in a real Chromium against a real ``meshctl serve`` with seeded traffic."""
+"""The topology page in a real Chromium against a real ``meshctl serve`` over a SQLite file
+seeded with a small mesh's catalog and traffic (``tests.topology.support.seed_mesh``). Here,
+beside the other browser tests, so that the run shares one Chromium."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from tests.browser.conftest import REPO_ROOT, free_port, meshctl, wait_until_ready
+from tests.topology.support import seed_mesh
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -14,6 +21,34 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 
 GRAPH_READY = "() => window.meshTopology && window.meshTopology.nodes().length > 0"
+
+
+@pytest.fixture(scope="module")
+def mesh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data_dir = tmp_path_factory.mktemp("topology-server")
+    url = f"sqlite:///{data_dir / 'mesh.db'}"
+    seed_mesh(url)
+    port = free_port()
+    env = {**os.environ, "MESH_DATABASE_URL": url, "MESH_DATA_DIR": str(data_dir)}
+    with (data_dir / "server.log").open("wb") as log:
+        process = subprocess.Popen(
+            [*meshctl(), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_ready(base, process)
+            yield base
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture
@@ -120,12 +155,13 @@ def test_clicking_an_edge_shows_its_figures_and_a_refresh_keeps_zoom_and_selecti
         "/traces?service=reviews"
     )
 
-    page.evaluate("() => window.meshTopology.zoom(1.7)")
+    page.evaluate("() => { window.meshTopology.zoom(1.7); }")  # zoom() returns the graph
     before = page.locator("#topology-status").inner_text()
     page.wait_for_function(
         "(before) => document.getElementById('topology-status').textContent !== before",
         arg=before,
-        timeout=15_000,
+        polling=200,  # not requestAnimationFrame: an idle canvas page may not draw frames
+        timeout=30_000,
     )
     assert graph(page)["zoom"] == pytest.approx(1.7)
     assert panel.is_visible()
