@@ -264,6 +264,9 @@ def run_worker(argv: list[str]) -> int:
     parser.add_argument("--url", default="")
     parser.add_argument("--token", default="")
     parser.add_argument("--dir", default="")
+    parser.add_argument(
+        "--peer-changes", type=int, default=10, help="timed changes per size for the file peer"
+    )
     parser.add_argument("--inbound", action="store_true")
     parser.add_argument("--ready-timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
@@ -293,6 +296,14 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 once it is gone)."""
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def _more_files() -> None:
@@ -413,10 +424,7 @@ class Worker:
         return message
 
     def cpu_s(self) -> float:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return 0.0
+        return cpu_s(self.process.pid)
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -447,6 +455,39 @@ def fleet(argv: list[str], n: int, workdir: Path, tag: str) -> Iterator[list[Wor
     finally:
         for worker in workers:
             worker.close()
+
+
+@contextlib.contextmanager
+def profiled(directory: Path | None, cp_pid: int, workers: list[Worker], n: int) -> Iterator[None]:
+    """``py-spy record`` (raw, for flame graphs) on the control plane and the workers."""
+    if directory is None:
+        yield
+        return
+    py_spy = Path(sys.executable).with_name("py-spy")
+    directory.mkdir(parents=True, exist_ok=True)
+    targets = [("cp", cp_pid)] + [(f"worker{k}", w.process.pid) for k, w in enumerate(workers)]
+    spies = [
+        subprocess.Popen(
+            [
+                *(str(py_spy), "record", "--nonblocking", "-r", "97", "-f", "raw"),
+                *("-p", str(pid), "-o", str(directory / f"{name}-{n}.txt")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in targets
+    ]
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
 
 
 def api(client: Any, method: str, path: str, **kwargs: Any) -> Any:
@@ -526,6 +567,7 @@ class PushRow:
     cp_p99_s: float | None = None
     incomplete: int = 0  # changes some agent never got within the timeout
     worker_cpu_ms_per_swap: float | None = None
+    cp_cpu_ms_per_change: float | None = None  # control-plane CPU, push only
     samples: list[float] = field(default_factory=list)
 
 
@@ -561,6 +603,7 @@ def measure_changes(
     mode: str,
     rewrite: Any = None,
     trigger: bool = False,
+    cp_pid: int | None = None,
     timeout: float = 30.0,
 ) -> tuple[PushRow, int]:
     """``changes`` canary steps (one warm-up first, not counted) and when each reached the
@@ -569,6 +612,7 @@ def measure_changes(
     cp: list[float] = []
     incomplete = 0
     cpu_per_swap: list[float] = []
+    cp_cpu: list[float] = []
     step = step0
     for k in range(changes + 1):
         step += 1
@@ -576,8 +620,9 @@ def measure_changes(
         for worker in workers:
             worker.send(op="arm", weights=weights)
         for worker in workers:
-            worker.expect("armed", 30)
+            worker.expect("armed", timeout + 30)
         cpu0 = sum(w.cpu_s() for w in workers)
+        cp0 = cpu_s(cp_pid) if cp_pid is not None else 0.0
         t0 = time.time()
         change_id = None
         if rewrite is None:
@@ -588,7 +633,7 @@ def measure_changes(
                 for worker in workers:
                     worker.send(op="trigger")
                 for worker in workers:
-                    worker.expect("triggered", 30)
+                    worker.expect("triggered", timeout + 30)
         for worker in workers:
             worker.send(op="collect", timeout=timeout)
         results = [worker.expect("collected", timeout + 30) for worker in workers]
@@ -610,6 +655,8 @@ def measure_changes(
                 cp.append(change["duration_ms"] / 1000)
             if change["targeted"] != n:
                 print(f"    change {change_id}: targeted {change['targeted']} agents, not {n}")
+        if cp_pid is not None:
+            cp_cpu.append((cpu_s(cp_pid) - cp0) * 1000)
         time.sleep(0.2)
     row = PushRow(
         mode=mode,
@@ -622,6 +669,7 @@ def measure_changes(
         cp_p99_s=percentile(cp, 0.99) if cp else None,
         incomplete=incomplete,
         worker_cpu_ms_per_swap=statistics.median(cpu_per_swap) if cpu_per_swap else None,
+        cp_cpu_ms_per_change=statistics.median(cp_cpu) if cp_cpu else None,
         samples=[round(s, 4) for s in samples],
     )
     return row, step
@@ -754,7 +802,8 @@ def print_tables(result: dict[str, Any]) -> None:
     print()
     head = (
         f"{'delivery':<22} {'agents':>6} {'changes':>7} {'p50 s':>7} {'p99 s':>7} {'max s':>7} "
-        f"{'cp p50':>7} {'cp p99':>7} {'sim cpu ms/swap':>15}  target p99 <= {TARGET_P99_S:.0f} s"
+        f"{'cp p50':>7} {'cp p99':>7} {'cp cpu ms':>9} {'sim cpu ms/swap':>15}  "
+        f"target p99 <= {TARGET_P99_S:.0f} s"
     )
     print(head)
     print("-" * len(head))
@@ -762,6 +811,8 @@ def print_tables(result: dict[str, Any]) -> None:
         cp50 = f"{row['cp_p50_s']:.3f}" if row["cp_p50_s"] is not None else "-"
         cp99 = f"{row['cp_p99_s']:.3f}" if row["cp_p99_s"] is not None else "-"
         cpu = row["worker_cpu_ms_per_swap"]
+        cp_cpu = row["cp_cpu_ms_per_change"]
+        cp_cpu_text = f"{cp_cpu:.0f}" if cp_cpu is not None else "-"
         verdict = ""
         if row["mode"] == "push":
             verdict = "met" if row["p99_s"] <= TARGET_P99_S and not row["incomplete"] else "NOT MET"
@@ -769,7 +820,7 @@ def print_tables(result: dict[str, Any]) -> None:
                 verdict += f" ({row['incomplete']} incomplete)"
         print(
             f"{row['mode']:<22} {row['agents']:>6} {row['changes']:>7} {row['p50_s']:>7.3f} "
-            f"{row['p99_s']:>7.3f} {row['max_s']:>7.3f} {cp50:>7} {cp99:>7} "
+            f"{row['p99_s']:>7.3f} {row['max_s']:>7.3f} {cp50:>7} {cp99:>7} {cp_cpu_text:>9} "
             f"{(f'{cpu:.2f}' if cpu is not None else '-'):>15}  {verdict}"
         )
     print()
@@ -802,11 +853,12 @@ def print_tables(result: dict[str, Any]) -> None:
     print(f"\nload average at start {result['loadavg_start']}, at end {result['loadavg_end']}")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Fills ``result`` as it goes, so a run cut short still reports what it measured."""
     import httpx
 
     sizes = sorted({int(s) for s in args.agents.split(",")})
-    result: dict[str, Any] = {
+    result |= {
         "host": platform.node(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
@@ -847,7 +899,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     result["memory"].append(
                         asdict(MemoryRow(n, before, after, (after - before) / n, connect_s))
                     )
-                    row, step = measure_changes(client, workers, n, args.changes, step, mode="push")
+                    with profiled(args.profile if last else None, cp.pid, workers, n):
+                        row, step = measure_changes(
+                            client, workers, n, args.changes, step, mode="push", cp_pid=cp.pid
+                        )
                     result["latency"].append(asdict(row))
                     print(f"  p50 {row.p50_s:.3f} s, p99 {row.p99_s:.3f} s", flush=True)
                     workers[0].send(op="dump")
@@ -859,8 +914,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         client = httpx.Client(base_url=cp.url, timeout=60)
             client.close()
             cp.stop()  # the peer runs alone
-            assert template is not None
-            for n in sizes:
+            assert template is not None or args.no_peer
+            for n in [] if args.no_peer else sizes:
                 files = workdir / f"files-{n}"
                 files.mkdir()
                 write_configs(files, n, template, weights_for(step))
@@ -875,20 +930,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             client,
                             workers,
                             n,
-                            args.changes,
+                            args.peer_changes,
                             step,
                             mode=mode,
                             rewrite=lambda weights, d=files, n=n: write_configs(
                                 d, n, template, weights
                             ),
                             trigger=trigger,
+                            # 1,000 simulated agents parsing YAML on two shared cores
+                            timeout=max(30.0, n * 0.12),
                         )
                         result["latency"].append(asdict(row))
                         print(f"  p50 {row.p50_s:.3f} s, p99 {row.p99_s:.3f} s", flush=True)
         finally:
             cp.stop()
-    result["loadavg_end"] = os.getloadavg()
-    return result
 
 
 def main() -> int:
@@ -897,12 +952,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", default="100,1000", help="fleet sizes, comma-separated")
     parser.add_argument("--changes", type=int, default=20, help="timed changes per fleet size")
+    parser.add_argument(
+        "--peer-changes", type=int, default=10, help="timed changes per size for the file peer"
+    )
     parser.add_argument("--inbound", action="store_true", help="agents advertise an address")
     parser.add_argument("--no-storm", action="store_true", help="skip the reconnect storm")
     parser.add_argument("--storm-timeout", type=float, default=120.0)
     parser.add_argument("--ready-timeout", type=float, default=180.0)
     parser.add_argument("--timeout", type=float, default=1500.0, help="whole run, seconds")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy the control plane and workers during the largest fleet's changes "
+        "(raw stacks into this directory; pip install py-spy into the venv first)",
+    )
+    parser.add_argument("--no-peer", action="store_true", help="skip the file-source peer")
     args = parser.parse_args()
 
     def too_long(_signum: int, _frame: object) -> None:
@@ -914,13 +979,24 @@ def main() -> int:
     signal.signal(signal.SIGALRM, too_long)
     signal.signal(signal.SIGTERM, terminated)
     signal.alarm(int(args.timeout))
+    result: dict[str, Any] = {}
+    failed: BaseException | None = None
     try:
-        result = run(args)
+        run(args, result)
+    except (Deadline, RuntimeError, KeyboardInterrupt) as exc:
+        failed = exc
     finally:
         signal.alarm(0)
-    print_tables(result)
+    result["loadavg_end"] = os.getloadavg()
+    if failed is not None:
+        result["error"] = f"{type(failed).__name__}: {failed}"
+    if "latency" in result:
+        print_tables(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if failed is not None:
+        print(f"\nINCOMPLETE RUN: {result['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
