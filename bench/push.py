@@ -47,6 +47,7 @@ import os
 import platform
 import queue
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -166,6 +167,19 @@ async def worker_main(args: argparse.Namespace) -> None:
 
     fleet = Fleet()
     first, count = args.first, args.count
+    connects = [0]
+    if args.mode == "push":
+        # Count new connections to the control plane (a change should need none: every agent
+        # keeps one keep-alive connection for its polls).
+        from mesh_agent import discovery
+
+        original = discovery._Connection._connect
+
+        async def counted(self: Any) -> None:
+            connects[0] += 1
+            await original(self)
+
+        discovery._Connection._connect = counted  # type: ignore[method-assign]
 
     if args.mode == "push":
 
@@ -203,6 +217,7 @@ async def worker_main(args: argparse.Namespace) -> None:
     for source in fleet.sources:
         source.start()
     cpu0 = time.process_time()
+    connects0 = 0
     try:
         async with asyncio.timeout(args.ready_timeout):
             await fleet.all_loaded.wait()
@@ -219,6 +234,7 @@ async def worker_main(args: argparse.Namespace) -> None:
         if op == "arm":
             fleet.arm(command["weights"])
             cpu0 = time.process_time()
+            connects0 = connects[0]
             say(event="armed")
         elif op == "collect":
             with contextlib.suppress(TimeoutError):
@@ -232,6 +248,7 @@ async def worker_main(args: argparse.Namespace) -> None:
                 last=max(times, default=None),
                 first=min(times, default=None),
                 cpu_s=time.process_time() - cpu0,
+                connects=connects[0] - connects0,
             )
         elif op == "trigger":
             for source in fleet.sources:
@@ -568,6 +585,7 @@ class PushRow:
     incomplete: int = 0  # changes some agent never got within the timeout
     worker_cpu_ms_per_swap: float | None = None
     cp_cpu_ms_per_change: float | None = None  # control-plane CPU, push only
+    reconnects_per_change: float | None = None  # new connections agents opened, push only
     samples: list[float] = field(default_factory=list)
 
 
@@ -613,6 +631,7 @@ def measure_changes(
     incomplete = 0
     cpu_per_swap: list[float] = []
     cp_cpu: list[float] = []
+    reconnects: list[int] = []
     step = step0
     for k in range(changes + 1):
         step += 1
@@ -648,6 +667,7 @@ def measure_changes(
             incomplete += 1
             continue
         samples.append(max(lasts) - t0)
+        reconnects.append(sum(r.get("connects", 0) for r in results))
         cpu_per_swap.append((cpu1 - cpu0) * 1000 / n)
         if change_id is not None:
             change = wait_change(client, change_id, 15)
@@ -670,6 +690,9 @@ def measure_changes(
         incomplete=incomplete,
         worker_cpu_ms_per_swap=statistics.median(cpu_per_swap) if cpu_per_swap else None,
         cp_cpu_ms_per_change=statistics.median(cp_cpu) if cp_cpu else None,
+        reconnects_per_change=statistics.mean(reconnects)
+        if reconnects and rewrite is None
+        else None,
         samples=[round(s, 4) for s in samples],
     )
     return row, step
@@ -850,6 +873,8 @@ def print_tables(result: dict[str, Any]) -> None:
             f"{st['console_storm_requests']} requests; {st['console_errors']} failed while "
             f"down) (target <= {TARGET_CONSOLE_P95_MS:.0f} ms) {cons}"
         )
+    if "logs" in result:
+        print(f"\nlogs (server, workers): {result['logs']}")
     print(f"\nload average at start {result['loadavg_start']}, at end {result['loadavg_end']}")
 
 
@@ -869,8 +894,11 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         "memory": [],
         "storm": [],
     }
-    with tempfile.TemporaryDirectory(prefix="mesh-bench-push-") as tmp:
-        workdir = Path(tmp)
+    workdir = Path(tempfile.mkdtemp(prefix="mesh-bench-push-"))
+    kept = args.keep
+    if kept:
+        result["logs"] = str(workdir)
+    try:
         cp = ControlPlane(workdir)
         try:
             cp.start()
@@ -944,6 +972,13 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
                         print(f"  p50 {row.p50_s:.3f} s, p99 {row.p99_s:.3f} s", flush=True)
         finally:
             cp.stop()
+    except BaseException:
+        kept = True  # the server and worker logs say why
+        result["logs"] = str(workdir)
+        raise
+    finally:
+        if not kept:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> int:
@@ -967,6 +1002,7 @@ def main() -> int:
         help="py-spy the control plane and workers during the largest fleet's changes "
         "(raw stacks into this directory; pip install py-spy into the venv first)",
     )
+    parser.add_argument("--keep", action="store_true", help="keep the server and worker logs")
     parser.add_argument("--no-peer", action="store_true", help="skip the file-source peer")
     args = parser.parse_args()
 
@@ -996,6 +1032,8 @@ def main() -> int:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if failed is not None:
         print(f"\nINCOMPLETE RUN: {result['error']}", file=sys.stderr)
+        if "logs" in result:
+            print(f"logs kept in {result['logs']}", file=sys.stderr)
         return 1
     return 0
 
