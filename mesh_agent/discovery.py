@@ -63,8 +63,16 @@ class _Response:
         self.done = False
         self.keep_alive = True
         self.too_large = False
+        self.parser: httptools.HttpResponseParser | None = None
 
     # httptools callbacks
+    def on_headers_complete(self) -> None:
+        # Asked here, not after feed_data: once the message is complete the parser has reset
+        # for the next one, forgotten the Content-Length, and says "not keep-alive" every time
+        # (each poll then paid for a new TCP connection).
+        assert self.parser is not None
+        self.keep_alive = self.parser.should_keep_alive()
+
     def on_body(self, body: bytes) -> None:
         if len(self.body) + len(body) > MAX_RESPONSE_BYTES:
             self.too_large = True
@@ -132,7 +140,7 @@ class _Connection:
         self.writer.write(head + body)
         await self.writer.drain()
         response = _Response()
-        parser = httptools.HttpResponseParser(response)
+        parser = response.parser = httptools.HttpResponseParser(response)
         while not response.done:
             chunk = await self.reader.read(65536)
             if not chunk:
@@ -146,7 +154,7 @@ class _Connection:
                 self.close()
                 raise ControlPlaneError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
         status = parser.get_status_code()
-        if not parser.should_keep_alive():
+        if not response.keep_alive:
             self.close()
         return status, bytes(response.body)
 

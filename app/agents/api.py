@@ -28,7 +28,11 @@ log = logging.getLogger("mesh.agents")
 router = APIRouter(prefix="/api/v1", tags=["agents"])
 
 
-def get_hub(request: Request) -> PushHub:
+# The dependencies of the discovery route are ``async def`` on purpose: FastAPI runs a plain
+# ``def`` dependency in the thread pool, and that hop on every poll was ~15 % of the control
+# plane's CPU per change (bench/push.py). Neither blocks: the token check is a stat() of the
+# token file.
+async def get_hub(request: Request) -> PushHub:
     hub: PushHub = request.app.state.hub
     return hub
 
@@ -43,7 +47,7 @@ class Unauthorized(DomainError):
 _last_auth_log = [0.0, 0]
 
 
-def require_agent_token(request: Request, hub: HubDep) -> None:
+async def require_agent_token(request: Request, hub: HubDep) -> None:
     """Agents present the mesh join token as a bearer token; anything else is refused (401),
     counted, and logged at most once a minute (a misconfigured fleet must not flood the log)."""
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")

@@ -38,7 +38,7 @@ async def require_ingest_auth(request: Request) -> None:
     from app.agents.api import require_agent_token
 
     if request.app.state.settings.otlp_require_token:
-        require_agent_token(request, request.app.state.hub)
+        await require_agent_token(request, request.app.state.hub)
 
 
 receiver = APIRouter(tags=["otlp"], dependencies=[Depends(require_ingest_auth)])
