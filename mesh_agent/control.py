@@ -121,7 +121,11 @@ def loaded_at_iso(t: float | None) -> str | None:
 
 
 def initial_config(store: ConfigStore, config_file: str | None) -> None:
-    """At start: the config file if given and valid, else the persisted last good config."""
+    """At start: the config file if given and valid, else the persisted last good config.
+
+    When the file was unusable and the agent falls back to the persisted config, the file's
+    error stays in ``last_error``: /config must say why the agent runs on an older config.
+    """
     if config_file is not None:
         try:
             store.offer(load_file(config_file))
@@ -135,7 +139,9 @@ def initial_config(store: ConfigStore, config_file: str | None) -> None:
             store.reject(exc)
             persisted = None
         if persisted is not None:
+            why = store.last_error
             store.offer(persisted)
+            store.last_error = why
             log.warning("started from the persisted config %s", persisted.version)
 
 

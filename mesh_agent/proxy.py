@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
@@ -870,9 +871,12 @@ class _Upstream(asyncio.Protocol):
         self.body_deadline = body_deadline
         timer = self.timer
         if timer is not None:
-            if self.timer_at <= deadline:
+            if self.timer_at <= deadline < math.inf:
                 return  # fires first; _on_timer re-arms for this deadline
             timer.cancel()
+            self.timer = None
+        if deadline == math.inf:
+            return  # timeout_ms 0: no timer at all
         self.timer_at = deadline
         self.timer = self.loop.call_at(deadline, self._on_timer)
 
@@ -881,6 +885,8 @@ class _Upstream(asyncio.Protocol):
         if self.complete or self.closed or self.failure is not None:
             return  # no exchange in flight; the next one arms the timer again
         deadline = self.deadline
+        if deadline == math.inf:
+            return  # the exchange now in flight has no timeout
         if self.loop.time() < deadline:
             self.timer_at = deadline
             self.timer = self.loop.call_at(deadline, self._on_timer)
@@ -1259,6 +1265,14 @@ class Proxy:
         for t in list(self._background):
             t.cancel()
 
+    def idle_upstreams(self) -> list[_Upstream]:
+        """Pooled idle upstream connections, the app's first (for tests and diagnostics)."""
+        out: list[_Upstream] = []
+        for ep in [*([self._app] if self._app else []), *self.registry.all()]:
+            if ep.pool is not None:
+                out += cast(_Pool, ep.pool).idle
+        return out
+
     def connection_count(self) -> int:
         return len(self.inbound.conns) + len(self.outbound.conns)
 
@@ -1293,11 +1307,12 @@ class Proxy:
                 raise _Failure("overflow")
             fut: asyncio.Future[_Upstream | None] = loop.create_future()
             pool.waiters.append(fut)
-            timer = loop.call_at(deadline, _expire_future, fut)
+            timer = loop.call_at(deadline, _expire_future, fut) if deadline < math.inf else None
             try:
                 got = await fut
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
             if got is not None:
                 if not got.closed:
                     return got, True

@@ -9,6 +9,7 @@ A compiled config is never mutated; a new version compiles a new one.
 from __future__ import annotations
 
 import bisect
+import math
 import random
 import re
 import time
@@ -37,9 +38,9 @@ __all__ = [
 
 HeaderLookup = Mapping[bytes, bytes]
 
-# "No timeout" is a deadline far enough away never to fire, so the hot path keeps one code
-# path (a float deadline) instead of branching on None on every request.
-NO_TIMEOUT_S = 365 * 24 * 3600.0
+# "No timeout" is an infinite deadline: the hot path keeps one code path (float arithmetic on
+# deadlines) and the proxy arms no timer at all for it (``loop.call_at`` is never given inf).
+NO_TIMEOUT_S = math.inf
 
 
 def timeout_seconds(timeout_ms: int) -> float:

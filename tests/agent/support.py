@@ -375,6 +375,11 @@ class Agent:
         assert self.proxy is not None
         await self.proxy.close()
 
+    def pooled_connections(self) -> list[Any]:
+        """The idle upstream connections of every pool (app first, then config endpoints)."""
+        assert self.proxy is not None
+        return self.proxy.idle_upstreams()
+
 
 # ---------------------------------------------------------------------------------------------
 # Raw HTTP client for what httpx will not send

@@ -228,14 +228,26 @@ def test_sighup_reload_and_rejected_config(
     agent: AgentProcess, backend: str, tmp_path: Path
 ) -> None:
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(_config(backend))
+    cfg.write_text(_config(backend) + " " * 200)  # room for the same-size edit below
     proc = agent.start("--config", str(cfg))
     v1 = agent.get("/config").json()["version"]
 
-    # an invalid edit: rejected with the exact path; the old config keeps serving
-    cfg.write_text(
+    # An invalid edit: rejected with the exact path; the old config keeps serving. The edit is
+    # made invisible to the file watcher (same size, same mtime, same inode), so only SIGHUP
+    # can make the agent read it.
+    before = cfg.stat()
+    invalid = (
         "services:\n- name: reviews\n  versions: {v1: {endpoints: ['" + backend + "']}}\n"
         "  routes: [{name: r, backends: [{version: v2}]}]\n"
+    )
+    assert len(invalid) <= before.st_size
+    cfg.write_text(invalid + "#" * (before.st_size - len(invalid)))
+    os.utime(cfg, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = cfg.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
     )
     proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
@@ -243,6 +255,7 @@ def test_sighup_reload_and_rejected_config(
     while doc["last_error"] is None and time.monotonic() < deadline:
         time.sleep(0.05)
         doc = agent.get("/config").json()
+    assert doc["last_error"] is not None, "SIGHUP did not make the agent read the file"
     assert doc["version"] == v1
     assert doc["last_error"]["issues"][0]["path"] == "services[0].routes[0].backends[0].version"
     assert agent.call("reviews").status_code == 200
