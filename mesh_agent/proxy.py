@@ -2029,7 +2029,8 @@ def _response_head(
             if n == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 tokens = _connection_tokens(value) - {b"close", b"keep-alive"}
                 if tokens:
-                    extra = tokens
+                    # every Connection header counts, not only the last one
+                    extra = tokens if extra is None else extra | tokens
             continue
         parts += (name, b": ", value, b"\r\n")
     if extra:

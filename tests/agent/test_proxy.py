@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+import mesh_agent.proxy as proxy_module
 from mesh_agent.proxy import Limits
 
 from .support import (
@@ -523,6 +524,33 @@ def test_slow_client_gets_408() -> None:
     run(scenario())
 
 
+@pytest.mark.slow
+def test_stalled_request_body_and_idle_keep_alive_connections_are_closed() -> None:
+    async def scenario() -> None:
+        limits = Limits(body_timeout_s=0.3, idle_timeout_s=0.3, drain_timeout_s=0.5)
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}, limits=limits) as agent,
+        ):
+            # a body that stops after 3 of 10 bytes
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.outbound_port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: reviews\r\nContent-Length: 10\r\n\r\nabc")
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # closed by the agent, not left hanging
+            writer.close()
+            # an answered request, then silence on the kept-alive connection
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.outbound_port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in head
+                assert await reader.readexactly(2) == b"ok"
+                assert await reader.read() == b""  # the idle connection was closed
+            writer.close()
+
+    run(scenario())
+
+
 def test_inbound_forwards_to_app_and_reports_the_caller() -> None:
     async def scenario() -> None:
         tel = FakeTelemetry()
@@ -781,3 +809,224 @@ def test_garbage_input_never_takes_the_agent_down(caplog: pytest.LogCaptureFixtu
     run(scenario(), timeout=120)
     errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("mesh")]
     assert errors == []
+
+
+# -- what no test covered before ------------------------------------------------------------------
+
+
+def test_uri_longer_than_the_header_limit_gets_414() -> None:
+    async def scenario() -> None:
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            long_target = b"/" + b"a" * 70_000
+            out = await raw_exchange(
+                agent.outbound_port, b"GET " + long_target + b" HTTP/1.1\r\nHost: reviews\r\n\r\n"
+            )
+            assert out.startswith(b"HTTP/1.1 414 ") and b"x-mesh-error: uri-too-long" in out
+            assert be.requests == []
+
+    run(scenario())
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
+    async def scenario() -> None:
+        async def echo(req: BackendRequest) -> Response:
+            return Response(body=req.body)
+
+        async with (
+            Backend(echo) as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.outbound_port)
+            writer.write(
+                b"POST /up HTTP/1.1\r\nHost: reviews\r\nContent-Length: 5\r\n"
+                b"Expect: 100-continue\r\n\r\n"
+            )
+            async with asyncio.timeout(10):
+                interim = await reader.readuntil(b"\r\n\r\n")
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            assert be.requests == []  # nothing forwarded before the body came
+            writer.write(b"hello")
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = await reader.readexactly(5)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello"
+            assert "expect" not in be.requests[0].headers  # the agent answered it itself
+
+    run(scenario())
+
+
+def test_upgrade_requests_get_501_and_reach_no_upstream() -> None:
+    async def scenario() -> None:
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            out = await raw_exchange(
+                agent.outbound_port,
+                b"GET /ws HTTP/1.1\r\nHost: reviews\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            assert out.startswith(b"HTTP/1.1 501 ") and b"x-mesh-error: unsupported" in out
+            assert be.requests == []
+
+    run(scenario())
+
+
+def test_hop_by_hop_headers_are_stripped_from_responses() -> None:
+    """Including the headers each Connection header names, with several Connection headers."""
+
+    async def scenario() -> None:
+        async def hoppy(req: BackendRequest) -> Response:
+            return Response(
+                body=b"ok",
+                headers=[
+                    ("Connection", "x-first-hop"),
+                    ("Connection", "x-second-hop, keep-alive"),
+                    ("x-first-hop", "1"),
+                    ("x-second-hop", "2"),
+                    ("Keep-Alive", "timeout=5"),
+                    ("Proxy-Authenticate", "Basic"),
+                    ("Upgrade", "h2c"),
+                    ("Trailer", "x-checksum"),
+                    ("x-end-to-end", "kept"),
+                ],
+            )
+
+        async with Backend(hoppy) as be:
+            cfg = {"services": [service("reviews", {"v1": [be.address]})]}
+            async with Agent(cfg, app=be.address) as agent:
+                heads = [
+                    await raw_exchange(
+                        agent.outbound_port,
+                        b"GET / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n",
+                    )
+                ]
+                async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                    for _ in range(2):  # the general path, then the fast path
+                        r = await c.get("/")
+                        assert r.status_code == 200
+                heads += [
+                    await raw_exchange(
+                        agent.inbound_port,
+                        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                    )
+                ]
+                async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                    assert (await c.get("/")).status_code == 200
+                    r = await c.get("/")  # a pooled connection: the fast path
+                    assert r.headers["x-end-to-end"] == "kept"
+                    for name in ("x-first-hop", "x-second-hop", "keep-alive", "upgrade"):
+                        assert name not in r.headers, name
+            for raw in heads:
+                head = raw.partition(b"\r\n\r\n")[0].lower()
+                assert b"x-end-to-end: kept" in head
+                for name in (
+                    b"x-first-hop",
+                    b"x-second-hop",
+                    b"keep-alive",
+                    b"proxy-authenticate",
+                    b"upgrade",
+                    b"trailer",
+                ):
+                    assert name + b":" not in head, name
+                assert head.count(b"connection:") == 1  # the agent's own "close"
+
+    run(scenario())
+
+
+def test_per_try_timeout_moves_on_to_the_next_try() -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+        calls = [0]
+
+        async def first_hangs(req: BackendRequest) -> Response:
+            calls[0] += 1
+            if calls[0] == 1:
+                await release.wait()
+            return Response(body=b"try %d" % calls[0])
+
+        async with Backend(first_hangs) as b1, Backend(first_hangs) as b2:
+            retries = {"attempts": 1, "per_try_timeout_ms": 200}
+            # The route timeout is far above the per-try one: without a per-try timeout the
+            # caller would get a 504 from the route timeout instead of the second try's answer.
+            svc = service(
+                "reviews", {"v1": [b1.address, b2.address]}, timeout_ms=8000, retries=retries
+            )
+            async with Agent({"services": [svc]}) as agent, _client(agent) as c:
+                r = await c.get("/", headers={"host": "reviews"})
+            release.set()
+            assert (r.status_code, r.text) == (200, "try 2")
+            assert len(b1.requests) + len(b2.requests) == 2
+
+    run(scenario())
+
+
+def test_retry_budget_caps_retries_through_the_proxy() -> None:
+    """Budget 50 % of requests and no floor: of 10 failing requests, every second one may be
+    retried once (10 + 5 tries), however many attempts the policy allows."""
+
+    async def scenario() -> None:
+        async def failing(req: BackendRequest) -> Response:
+            return Response(status=503, body=b"no")
+
+        async with Backend(failing) as be:
+            svc = service(
+                "reviews",
+                {"v1": [be.address]},
+                retries={"attempts": 2, "backoff_base_ms": 1, "backoff_max_ms": 1},
+                retry_budget={"percent": 50, "min_retries_per_second": 0, "window_s": 600},
+                outlier_detection={"enabled": False},
+            )
+            async with Agent({"services": [svc]}) as agent, _client(agent) as c:
+                for _ in range(10):
+                    assert (await c.get("/", headers={"host": "reviews"})).status_code == 503
+            assert len(be.requests) == 15
+
+    run(scenario())
+
+
+def test_mirrors_in_flight_are_capped_and_the_rest_shed() -> None:
+    async def scenario() -> None:
+        stuck = asyncio.Event()
+        cap_reached = asyncio.Event()
+        final_mirrored = asyncio.Event()
+        cap = proxy_module._MAX_MIRRORS_IN_FLIGHT
+
+        async def shadow(req: BackendRequest) -> Response:
+            if req.path.startswith("/final"):
+                final_mirrored.set()
+                return Response()
+            if len(mirror.requests) == cap:
+                cap_reached.set()
+            await stuck.wait()
+            return Response()
+
+        async with Backend() as main, Backend(shadow) as mirror:
+            route = {
+                "name": "r",
+                "backends": [{"version": "v1"}],
+                "mirror": {"version": "v2", "percent": 100},
+            }
+            svc = service("reviews", {"v1": [main.address], "v2": [mirror.address]}, routes=[route])
+            async with Agent({"services": [svc]}) as agent, _client(agent) as c:
+                for i in range(cap + 6):
+                    r = await c.post(f"/{i}", headers={"host": "reviews"}, content=b"x")
+                    assert r.status_code == 200  # the caller never waits for its mirror
+                async with asyncio.timeout(10):
+                    await cap_reached.wait()
+                stuck.set()
+                # Once the stuck mirrors are done, mirroring resumes.
+                async with asyncio.timeout(10):
+                    n = 0
+                    while not final_mirrored.is_set():
+                        await c.post(f"/final{n}", headers={"host": "reviews"}, content=b"x")
+                        n += 1
+            mirrored = [q.path for q in mirror.requests if not q.path.startswith("/final")]
+            assert sorted(mirrored, key=lambda p: int(p[1:])) == [f"/{i}" for i in range(cap)]
+
+    run(scenario())
