@@ -72,6 +72,16 @@ def _seconds(value: str) -> float:
     return s
 
 
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
 def _default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return str(Path(base) / "mesh-agent")
@@ -170,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="OTLP/HTTP endpoint spans are exported to, e.g. http://console:8000; none: no "
         "export (MESH_AGENT_OTLP_ENDPOINT)",
     )
-    tim = p.add_argument_group("timeouts (seconds)")
+    tim = p.add_argument_group("timeouts (seconds) and limits")
     tim.add_argument(
         "--header-timeout",
         type=_seconds,
@@ -188,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=_env("IDLE_TIMEOUT", "60"),
         help="idle keep-alive client connections are closed after this (MESH_AGENT_IDLE_TIMEOUT)",
+    )
+    tim.add_argument(
+        "--max-connections",
+        type=_count,
+        default=_env("MAX_CONNECTIONS", "1024"),
+        help="client connections each of the inbound and outbound listeners holds at most; "
+        "past it a new connection is closed at once (MESH_AGENT_MAX_CONNECTIONS)",
     )
     tim.add_argument(
         "--drain-timeout",
@@ -242,6 +259,7 @@ async def _run(args: argparse.Namespace) -> int:
             body_timeout_s=args.body_timeout,
             idle_timeout_s=args.idle_timeout,
             drain_timeout_s=args.drain_timeout,
+            max_connections=args.max_connections,
         ),
     )
     proxy_ref.append(proxy)
@@ -267,6 +285,11 @@ async def _run(args: argparse.Namespace) -> int:
                 "# HELP mesh_agent_downstream_connections Open client connections.\n"
                 "# TYPE mesh_agent_downstream_connections gauge\n"
                 f"mesh_agent_downstream_connections {proxy.connection_count()}\n"
+                "# HELP mesh_agent_downstream_connections_overflow_total Client connections "
+                "closed at once: the listener held --max-connections.\n"
+                "# TYPE mesh_agent_downstream_connections_overflow_total counter\n"
+                "mesh_agent_downstream_connections_overflow_total "
+                f"{proxy.inbound.overflowed + proxy.outbound.overflowed}\n"
             ).encode()
 
         admin = AdminServer(
@@ -282,6 +305,8 @@ async def _run(args: argparse.Namespace) -> int:
                 "state_dir": str(state_dir),
             },
             extra_metrics=extra_metrics,
+            header_timeout_s=args.header_timeout,
+            idle_timeout_s=args.idle_timeout,
         )
         h, p = await admin.start(*args.admin)
         listeners["admin"] = f"{h}:{p}"

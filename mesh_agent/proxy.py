@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import random
+import re
 from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from typing import Any, Protocol, cast
@@ -55,6 +56,8 @@ __all__ = [
     "Proxy",
     "SpanLike",
     "TelemetryLike",
+    "normalize_path",
+    "normalize_target",
 ]
 
 log = logging.getLogger("mesh_agent.proxy")
@@ -66,13 +69,21 @@ _MAX_MIRRORS_IN_FLIGHT = 64
 
 
 class Limits:
-    """Slow-client and idle timeouts in seconds (bootstrap settings, not pushed config)."""
+    """Slow-client and idle timeouts in seconds and the caps on what a client may make the
+    agent hold (bootstrap settings, not pushed config).
+
+    Memory a listener can be made to hold for request heads is bounded by ``max_connections``
+    x (``MAX_HEADER_BYTES`` + ``max_headers`` x the cost of one parsed header): with the
+    defaults, about 1024 x 100 KiB = 100 MiB per listener, and nothing past the header timeout.
+    """
 
     __slots__ = (
         "body_timeout_s",
         "drain_timeout_s",
         "header_timeout_s",
         "idle_timeout_s",
+        "max_connections",
+        "max_headers",
         "upstream_idle_s",
     )
 
@@ -83,12 +94,19 @@ class Limits:
         idle_timeout_s: float = 60.0,
         upstream_idle_s: float = 30.0,
         drain_timeout_s: float = 10.0,
+        max_connections: int = 1024,
+        max_headers: int = 100,
     ) -> None:
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.upstream_idle_s = upstream_idle_s
         self.drain_timeout_s = drain_timeout_s
+        # Per listener: a connection past it is closed as soon as it is accepted.
+        self.max_connections = max_connections
+        # Per request head (Envoy's default too): many tiny headers cost far more memory once
+        # parsed than their bytes on the wire.
+        self.max_headers = max_headers
 
 
 class SpanLike(Protocol):
@@ -171,6 +189,86 @@ def _status_line(status: int) -> bytes:
     if line is None:
         line = b"HTTP/1.1 %d Unknown\r\n" % status
     return line
+
+
+_UNRESERVED = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+)  # RFC 3986 section 2.3: decoding these never changes what a path means
+_HEXDIGITS = frozenset(b"0123456789abcdefABCDEF")
+_SLASHES = (0x2F, 0x5C)  # "/" and "\\"
+_MULTI_SLASH = re.compile(rb"//+")
+
+
+def normalize_path(path: bytes, escaped_slashes: str = "reject") -> bytes | None:
+    """An origin-form path (no query) normalised as Envoy does before route matching, so that
+    ``/public/../admin``, ``/public/%2e%2e/admin`` and ``//admin`` cannot slip past a prefix
+    route: percent-encoded unreserved characters decoded (other escapes kept, upper-cased),
+    repeated slashes merged, ``.`` and ``..`` segments removed (RFC 3986 section 5.2.4).
+    Encoded slashes (``%2F``, ``%5C``) follow ``escaped_slashes``: "reject", "keep" or
+    "unescape". None: the path is to be refused (a bad escape, or a rejected encoded slash)."""
+    if b"%" in path:
+        out = bytearray()
+        i = 0
+        n = len(path)
+        while i < n:
+            c = path[i]
+            if c != 0x25:
+                out.append(c)
+                i += 1
+                continue
+            hi = path[i + 1 : i + 3]
+            if len(hi) != 2 or hi[0] not in _HEXDIGITS or hi[1] not in _HEXDIGITS:
+                return None
+            value = int(hi, 16)
+            if value in _UNRESERVED:
+                out.append(value)
+            elif value in _SLASHES and escaped_slashes != "keep":
+                if escaped_slashes == "reject":
+                    return None
+                out.append(value)
+            else:
+                out += b"%" + hi.upper()
+            i += 3
+        path = bytes(out)
+    if b"//" in path:
+        path = _MULTI_SLASH.sub(b"/", path)
+    if b"/." in path:
+        segments = path.split(b"/")
+        kept: list[bytes] = []
+        for seg in segments[1:]:
+            if seg == b"..":
+                if kept:
+                    kept.pop()
+            elif seg != b".":
+                kept.append(seg)
+        if segments[-1] in (b".", b".."):
+            kept.append(b"")  # "/a/b/.." is "/a/": the result names a directory
+        path = b"/" + b"/".join(kept)
+    return path
+
+
+def normalize_target(url: bytes, escaped_slashes: str) -> bytes | None:
+    """The request target with its path normalised (origin or absolute form) and any
+    ``#fragment`` dropped (a client must not send one; RFC 9112 section 3.2). None: refuse."""
+    hash_at = url.find(b"#")
+    if hash_at >= 0:
+        url = url[:hash_at]
+    if url[:1] == b"/":
+        start = 0
+    elif url[:7].lower() == b"http://":
+        start = url.find(b"/", 7)
+        if start < 0:
+            return url
+    else:
+        return url  # "*", authority form: nothing to normalise
+    q = url.find(b"?", start)
+    path = url[start:] if q < 0 else url[start:q]
+    if b"%" not in path and b"//" not in path and b"/." not in path:
+        return url  # the common case costs three scans and no copy
+    normal = normalize_path(path, escaped_slashes)
+    if normal is None:
+        return None
+    return url[:start] + normal + (b"" if q < 0 else url[q:])
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:
@@ -318,6 +416,7 @@ class _Downstream(asyncio.Protocol):
         "_fast",
         "_fast_next",
         "_header_bytes",
+        "_header_count",
         "_parse_error",
         "_pipeline_paused",
         "_req",
@@ -347,6 +446,7 @@ class _Downstream(asyncio.Protocol):
         self.queue: collections.deque[_Request] = collections.deque()
         self._req: _Request | None = None
         self._header_bytes = 0
+        self._header_count = 0
         self._parse_error: tuple[int, str] | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
@@ -369,10 +469,16 @@ class _Downstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        listener = self.listener
+        if len(listener.conns) >= listener.limits.max_connections:
+            listener.overflowed += 1
+            self.closed = True
+            self.transport.abort()
+            return
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0]).encode()
-        self.listener.conns.add(self)
+        listener.conns.add(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -420,6 +526,7 @@ class _Downstream(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._req = _Request(self.loop.time())
         self._header_bytes = 0
+        self._header_count = 0
         self.phase = _HEADERS
         self.phase_since = self._req.started
 
@@ -439,10 +546,18 @@ class _Downstream(asyncio.Protocol):
         if self._header_bytes > MAX_HEADER_BYTES:
             self._parse_error = (431, "headers-too-large")
             raise ValueError("headers too large")
+        self._header_count += 1
+        if self._header_count > self.listener.limits.max_headers:
+            self._parse_error = (431, "too-many-headers")
+            raise ValueError("too many headers")
         code = _REQUEST_SPECIAL.get(name.lower())
         if code is None:
             req.headers.append((name, value))
         elif code == _H_HOST:
+            if req.host is not None:
+                # Two hosts: one hop may route on the first, the next on the second.
+                self._parse_error = (400, "duplicate-host")
+                raise ValueError("duplicate Host")
             req.host = value
         elif code == _H_XFF:
             req.xff = value if req.xff is None else req.xff + b", " + value
@@ -463,7 +578,12 @@ class _Downstream(asyncio.Protocol):
             if lname == b"content-length":
                 req.content_length = int(value) if value.strip().isdigit() else None
             elif lname == b"transfer-encoding":
-                req.chunked = True  # llhttp rejects anything but a final "chunked"
+                # Only plain "chunked" is understood; anything else ("gzip, chunked", two
+                # Transfer-Encoding headers) would be re-framed wrongly, so it is refused.
+                if req.chunked or value.strip().lower() != b"chunked":
+                    self._parse_error = (501, "unsupported-transfer-coding")
+                    raise ValueError("unsupported transfer coding")
+                req.chunked = True
 
     def on_headers_complete(self) -> None:
         req = self._req
@@ -476,6 +596,14 @@ class _Downstream(asyncio.Protocol):
         req.method = parser.get_method()
         req.keep_alive = parser.should_keep_alive()
         req.http11 = parser.get_http_version() == "1.1"
+        if req.host is None and req.http11:
+            self._parse_error = (400, "missing-host")  # RFC 9112 section 3.2
+            raise ValueError("missing Host")
+        url = normalize_target(req.url, self.listener.escaped_slashes())
+        if url is None:
+            self._parse_error = (400, "invalid-path")
+            raise ValueError("path refused by normalisation")
+        req.url = url
         if req.extra_hop:
             # Headers named in Connection are hop-by-hop too (RFC 9110 section 7.6.1).
             extra = req.extra_hop
@@ -1148,14 +1276,23 @@ class _Listener:
         handle: Callable[[_Downstream, _Request], Any],
         limits: Limits,
         fast: Callable[[_Downstream, _Request], bool] | None = None,
+        holder: ConfigHolder | None = None,
     ) -> None:
         self.loop = loop
         self.handle = handle
+        self.holder = holder
         # Tries to answer a bodiless request from callbacks alone; False: use ``handle``.
         self.fast = fast
         self.limits = limits
         self.conns: set[_Downstream] = set()
+        self.overflowed = 0  # connections closed at once: over limits.max_connections
         self.server: asyncio.AbstractServer | None = None
+
+    def escaped_slashes(self) -> str:
+        holder = self.holder
+        if holder is None:
+            return "reject"
+        return holder.current.config.path_normalization.escaped_slashes
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.server = await self.loop.create_server(
@@ -1227,9 +1364,9 @@ class Proxy:
         self._mirrors_in_flight = 0
         self._background: set[asyncio.Task[None]] = set()
         self.inbound = _Listener(
-            self.loop, self._handle_inbound, self.limits, fast=self._fast_inbound
+            self.loop, self._handle_inbound, self.limits, fast=self._fast_inbound, holder=holder
         )
-        self.outbound = _Listener(self.loop, self._handle_outbound, self.limits)
+        self.outbound = _Listener(self.loop, self._handle_outbound, self.limits, holder=holder)
         self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(1.0, self._sweep)
 
     # -- lifecycle

@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 
@@ -66,7 +65,7 @@ class _HeaderMatcher:
         self.name = m.name.encode("latin-1")
         self.exact = m.exact.encode("latin-1") if m.exact is not None else None
         self.prefix = m.prefix.encode("latin-1") if m.prefix is not None else None
-        self.regex = re.compile(m.regex.encode("latin-1")) if m.regex is not None else None
+        self.regex = protocol.compile_regex(m.regex) if m.regex is not None else None
         self.present = m.present
         self.invert = m.invert
 
@@ -117,7 +116,7 @@ class CompiledRoute:
         self.path_exact = path.exact.encode() if path and path.exact is not None else None
         self.path_prefix = path.prefix.encode() if path and path.prefix is not None else None
         self.path_regex = (
-            re.compile(path.regex.encode()) if path and path.regex is not None else None
+            protocol.compile_regex(path.regex) if path and path.regex is not None else None
         )
         self.methods = (
             frozenset(m.encode() for m in route.match.methods) if route.match.methods else None

@@ -171,6 +171,7 @@ def test_help_documents_every_flag() -> None:
         "--sampling-ratio",
         "--otlp-endpoint",
         "--log-level",
+        "--max-connections",
         "MESH_AGENT_SERVICE",
         "MESH_AGENT_CONFIG",
     ):
