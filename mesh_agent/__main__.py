@@ -222,13 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from mesh_agent.admin import AdminServer
-    from mesh_agent.balancer import EndpointRegistry
-    from mesh_agent.control import ConfigStore, FileSource, initial_config
-    from mesh_agent.proxy import Limits, Proxy
+    from mesh_agent.agent import Agent, state_dir_for
+    from mesh_agent.control import ConfigSource, ConfigStore, FileSource, initial_config
+    from mesh_agent.proxy import Limits
     from mesh_agent.telemetry import Telemetry
 
-    loop = asyncio.get_running_loop()
     telemetry = Telemetry(
         service=args.service,
         version=args.version,
@@ -236,24 +234,18 @@ async def _run(args: argparse.Namespace) -> int:
         sampling_ratio=args.sampling_ratio,
         otlp_endpoint=args.otlp_endpoint,
     )
-    registry = EndpointRegistry()
-    state_dir = Path(args.state_dir) / f"{args.namespace}.{args.service}"
-    proxy_ref: list[Proxy] = []
+    config_file: str | None = args.config
 
-    def on_swap(compiled: object) -> None:
-        if proxy_ref:
-            proxy_ref[0].prune_endpoints(store.holder.current.endpoints)
+    def file_source(store: ConfigStore) -> ConfigSource:
+        assert config_file is not None
+        return FileSource(config_file, store)
 
-    store = ConfigStore(registry, state_dir, on_swap=on_swap)
-    initial_config(store, args.config)
-    proxy = Proxy(
-        holder=store.holder,
-        telemetry=telemetry,
-        registry=registry,
+    agent = Agent(
         service=args.service,
         version=args.version,
         namespace=args.namespace,
         app=args.app,
+        telemetry=telemetry,
         limits=Limits(
             header_timeout_s=args.header_timeout,
             body_timeout_s=args.body_timeout,
@@ -261,85 +253,35 @@ async def _run(args: argparse.Namespace) -> int:
             drain_timeout_s=args.drain_timeout,
             max_connections=args.max_connections,
         ),
+        state_dir=state_dir_for(args.state_dir, args.namespace, args.service),
+        source_factory=file_source if config_file else None,
+        bootstrap={"config_file": config_file},
     )
-    proxy_ref.append(proxy)
-
-    listeners: dict[str, str] = {}
+    initial_config(agent.store, config_file)
     try:
-        if args.app is not None:
-            h, p = await proxy.inbound.start(*args.inbound)
-            listeners["inbound"] = f"{h}:{p}"
-        h, p = await proxy.outbound.start(*args.outbound)
-        listeners["outbound"] = f"{h}:{p}"
-
-        def extra_metrics() -> bytes:
-            version = store.loaded.version if store.loaded else "none"
-            return (
-                "# HELP mesh_agent_config_info Config version in force.\n"
-                "# TYPE mesh_agent_config_info gauge\n"
-                f'mesh_agent_config_info{{version="{version}"}} 1\n'
-                "# HELP mesh_agent_config_updates_total Config updates by result.\n"
-                "# TYPE mesh_agent_config_updates_total counter\n"
-                f'mesh_agent_config_updates_total{{result="accepted"}} {store.accepted}\n'
-                f'mesh_agent_config_updates_total{{result="rejected"}} {store.rejected}\n'
-                "# HELP mesh_agent_downstream_connections Open client connections.\n"
-                "# TYPE mesh_agent_downstream_connections gauge\n"
-                f"mesh_agent_downstream_connections {proxy.connection_count()}\n"
-                "# HELP mesh_agent_downstream_connections_overflow_total Client connections "
-                "closed at once: the listener held --max-connections.\n"
-                "# TYPE mesh_agent_downstream_connections_overflow_total counter\n"
-                "mesh_agent_downstream_connections_overflow_total "
-                f"{proxy.inbound.overflowed + proxy.outbound.overflowed}\n"
-            ).encode()
-
-        admin = AdminServer(
-            config=store,
-            metrics=telemetry,
-            bootstrap={
-                "service": args.service,
-                "version": args.version,
-                "namespace": args.namespace,
-                "listeners": listeners,
-                "app": f"{args.app[0]}:{args.app[1]}" if args.app else None,
-                "config_file": args.config,
-                "state_dir": str(state_dir),
-            },
-            extra_metrics=extra_metrics,
-            header_timeout_s=args.header_timeout,
-            idle_timeout_s=args.idle_timeout,
+        listeners = await agent.start(
+            inbound=args.inbound, outbound=args.outbound, admin=args.admin
         )
-        h, p = await admin.start(*args.admin)
-        listeners["admin"] = f"{h}:{p}"
     except OSError as exc:
         log.error("cannot listen: %s", exc)
-        await proxy.close()
         telemetry.shutdown()
         return 2
-
-    source = FileSource(args.config, store) if args.config else None
-    if source is not None:
-        source.start()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    if source is not None:
-        loop.add_signal_handler(signal.SIGHUP, source.trigger)
-    else:
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: no --config"))
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, agent.stop)
+    loop.add_signal_handler(signal.SIGINT, agent.stop)
+    loop.add_signal_handler(signal.SIGHUP, agent.reload)
+    loaded = agent.store.loaded
     log.info(
         "mesh-agent %s.%s (%s) listening: %s; config %s",
         args.service,
         args.namespace,
         args.version,
         " ".join(f"{k}={v}" for k, v in listeners.items()),
-        store.loaded.version if store.loaded else "none",
+        loaded.version if loaded else "none",
     )
-    await stop.wait()
-    log.info("draining")
-    if source is not None:
-        await source.stop()
-    await admin.close()
-    await proxy.close()
+    await agent.serve()
+    log.info("drained")
+    await agent.close()
     telemetry.shutdown()
     return 0
 
