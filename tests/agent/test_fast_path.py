@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-import mesh_agent.proxy as proxy_module
+import mesh_agent.proxy.inbound as inbound_module
 
 from .support import (
     Agent,
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many requests took the fast path (each makes one ``_FastExchange``)."""
     calls = [0]
-    original = proxy_module._FastExchange
+    original = inbound_module.FastExchange
 
     class Counting(original):  # type: ignore[valid-type,misc]
         __slots__ = ()
@@ -41,7 +41,7 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             calls[0] += 1
             super().__init__(*args)
 
-    monkeypatch.setattr(proxy_module, "_FastExchange", Counting)
+    monkeypatch.setattr(inbound_module, "FastExchange", Counting)
     return calls
 
 

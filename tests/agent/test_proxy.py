@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-import mesh_agent.proxy as proxy_module
 from mesh_agent.proxy import Limits
+from mesh_agent.proxy.mirror import MAX_MIRRORS_IN_FLIGHT
 
 from .support import (
     Agent,
@@ -995,7 +995,7 @@ def test_mirrors_in_flight_are_capped_and_the_rest_shed() -> None:
         stuck = asyncio.Event()
         cap_reached = asyncio.Event()
         final_mirrored = asyncio.Event()
-        cap = proxy_module._MAX_MIRRORS_IN_FLIGHT
+        cap = MAX_MIRRORS_IN_FLIGHT
 
         async def shadow(req: BackendRequest) -> Response:
             if req.path.startswith("/final"):

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-import mesh_agent.proxy as proxy_module
+import mesh_agent.proxy.inbound as inbound_module
 from mesh_agent.telemetry import Telemetry
 
 from .support import Agent, FakeTelemetry, RawApp, run, service
@@ -30,7 +30,7 @@ OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many requests took the inbound fast path (each makes one ``_FastExchange``)."""
     calls = [0]
-    original = proxy_module._FastExchange
+    original = inbound_module.FastExchange
 
     class Counting(original):  # type: ignore[valid-type,misc]
         __slots__ = ()
@@ -39,7 +39,7 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             calls[0] += 1
             super().__init__(*args)
 
-    monkeypatch.setattr(proxy_module, "_FastExchange", Counting)
+    monkeypatch.setattr(inbound_module, "FastExchange", Counting)
     return calls
 
 
