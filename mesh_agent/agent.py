@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from mesh_agent.admin import AdminServer
 from mesh_agent.balancer import EndpointRegistry
 from mesh_agent.control import ConfigSource, ConfigStore
+from mesh_agent.health import HealthChecker
 from mesh_agent.proxy import Limits, Proxy, TelemetryLike
 from mesh_agent.routing import CompiledConfig
 
@@ -66,6 +67,7 @@ class Agent:
         self.limits = limits or Limits()
         self.telemetry = telemetry
         self.registry = EndpointRegistry()
+        self.health = HealthChecker()
         self.store = ConfigStore(self.registry, state_dir, on_swap=self._on_swap)
         self.source = source_factory(self.store) if source_factory is not None else None
         self.bootstrap: dict[str, Any] = {
@@ -86,6 +88,7 @@ class Agent:
         # Connections to endpoints that no config references any more would otherwise idle on.
         if self.proxy is not None:
             self.proxy.prune_endpoints(compiled.endpoints)
+        self.health.update(compiled)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -127,6 +130,7 @@ class Agent:
         except OSError:
             await self.close()
             raise
+        self.health.start(self.store.holder.current)
         if self.source is not None:
             self.source.start()
         return dict(listeners)
@@ -156,6 +160,7 @@ class Agent:
         self._drained = True
         if self.source is not None:
             await self.source.stop()
+        await self.health.stop()
         if self.proxy is not None:
             await self.proxy.close()
 
@@ -189,6 +194,7 @@ class Agent:
             "closed at once: the listener held --max-connections.\n"
             "# TYPE mesh_agent_downstream_connections_overflow_total counter\n"
             f"mesh_agent_downstream_connections_overflow_total {overflowed}\n"
+            + self.health.prometheus_text()
         ).encode()
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "DiscoveryResponse",
     "FaultPolicy",
     "HeaderMatch",
+    "HealthCheck",
     "InboundPolicy",
     "MeshConfig",
     "MirrorPolicy",
@@ -288,6 +289,29 @@ class ConnectionLimits(_Model):
     connect_timeout_ms: Annotated[int, Field(gt=0)] = 1000
 
 
+class HealthCheck(_Model):
+    """Active HTTP health check of every endpoint of a service, by each calling agent: a
+    ``GET path`` every ``interval_ms`` (± ``jitter_percent`` %, so that many agents do not
+    probe in step); a 2xx within ``timeout_ms`` passes, anything else fails. An endpoint turns
+    unhealthy after ``unhealthy_threshold`` failures in a row and healthy again after
+    ``healthy_threshold`` passes; endpoints start healthy. An unhealthy endpoint takes no
+    traffic, like one ejected by outlier detection (both count against the panic threshold)."""
+
+    path: str = "/healthz"
+    interval_ms: Annotated[int, Field(ge=10, le=3_600_000)] = 10_000
+    timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 1_000
+    healthy_threshold: Annotated[int, Field(ge=1, le=100)] = 2
+    unhealthy_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    jitter_percent: Annotated[float, Field(ge=0, le=100)] = 10.0
+
+    @field_validator("path")
+    @classmethod
+    def _origin_form(cls, v: str) -> str:
+        if not v.startswith("/") or any(c.isspace() or ord(c) < 0x21 for c in v):
+            raise ValueError("must start with '/' and contain no spaces or control characters")
+        return v
+
+
 class RateLimit(_Model):
     """Token bucket: ``requests_per_second`` refill, ``burst`` capacity."""
 
@@ -324,6 +348,10 @@ class ServiceConfig(_Model):
     outlier_detection: OutlierDetection = OutlierDetection()
     connection_limits: ConnectionLimits = ConnectionLimits()
     rate_limit: RateLimit | None = None
+    health_check: HealthCheck | None = None
+    # Below this share of available endpoints in a version, traffic is spread over all of them
+    # (Envoy's healthy_panic_threshold); 0 turns panic mode off.
+    panic_threshold_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
 
     @field_validator("name", "namespace")
     @classmethod

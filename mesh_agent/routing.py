@@ -15,7 +15,13 @@ import time
 from collections.abc import Callable, Mapping
 
 from mesh_agent import protocol
-from mesh_agent.balancer import Balancer, Endpoint, EndpointRegistry, make_balancer
+from mesh_agent.balancer import (
+    DEFAULT_PANIC_PERCENT,
+    Balancer,
+    Endpoint,
+    EndpointRegistry,
+    make_balancer,
+)
 from mesh_agent.resilience import (
     FaultInjector,
     OutlierDetector,
@@ -52,10 +58,16 @@ class VersionPool:
 
     __slots__ = ("balancer", "endpoints", "version")
 
-    def __init__(self, version: str, endpoints: tuple[Endpoint, ...], lb: str) -> None:
+    def __init__(
+        self,
+        version: str,
+        endpoints: tuple[Endpoint, ...],
+        lb: str,
+        panic_percent: float = DEFAULT_PANIC_PERCENT,
+    ) -> None:
         self.version = version
         self.endpoints = endpoints
-        self.balancer: Balancer = make_balancer(lb, endpoints)
+        self.balancer: Balancer = make_balancer(lb, endpoints, panic_percent)
 
 
 class _HeaderMatcher:
@@ -170,6 +182,7 @@ class CompiledService:
         "budget",
         "budget_policy",
         "connect_timeout_s",
+        "health_check",
         "max_connections",
         "max_pending",
         "name",
@@ -191,12 +204,15 @@ class CompiledService:
         previous: CompiledService | None = None,
     ) -> None:
         self.name = svc.name
+        self.health_check = svc.health_check
         self.namespace = svc.namespace
         pools: dict[str, VersionPool] = {}
         for version, vc in svc.versions.items():
             if vc.endpoints:
                 eps = tuple(registry.get(*protocol.parse_address(a)) for a in vc.endpoints)
-                pools[version] = VersionPool(version, eps, svc.load_balancer)
+                pools[version] = VersionPool(
+                    version, eps, svc.load_balancer, svc.panic_threshold_percent
+                )
         self.pools = pools
         routes = svc.routes
         if not routes:
