@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,8 +86,9 @@ def backend() -> Iterator[str]:
 
 
 class AgentProcess:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, command: list[str] = AGENT_CMD) -> None:
         self.tmp = tmp
+        self.command = command
         self.procs: list[subprocess.Popen[bytes]] = []
         self.admin = 0
         self.outbound = 0
@@ -96,7 +98,7 @@ class AgentProcess:
         log = open(self.tmp / f"agent-{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             [
-                *AGENT_CMD,
+                *self.command,
                 "--service",
                 "web",
                 "--admin",
@@ -485,3 +487,48 @@ def _swallow(fn: Callable[[], object]) -> object:
         return fn()
     except httpx.HTTPError as exc:
         return exc
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_the_agent_only_distribution_installs_and_proxies_without_the_control_plane(
+    tmp_path: Path, backend: str
+) -> None:
+    """``pip install ./agent`` into a fresh virtualenv: the sidecar runs and proxies, and none
+    of the control plane's dependencies came with it."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    build = tmp_path / "src"
+    # Build from a copy so that the build leaves nothing behind in the repository.
+    shutil.copytree(REPO / "agent", build, symlinks=False)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", str(build)],
+        check=True,
+        timeout=540,
+        capture_output=True,
+    )
+    probe = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import importlib.util as u; print([m for m in ('fastapi', 'sqlalchemy', 'psycopg',"
+            " 'jinja2', 'starlette', 'alembic', 'networkx', 'app') if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=tmp_path,  # not the repository root, whose packages `python -c` would see
+    )
+    assert probe.stdout.strip() == "[]"
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(_config(backend))
+    agent = AgentProcess(tmp_path, command=[str(venv / "bin" / "mesh-agent")])
+    try:
+        agent.start("--config", str(cfg))
+        assert agent.call("reviews").text == "backend"
+    finally:
+        agent.stop_all()
