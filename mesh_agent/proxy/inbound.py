@@ -265,7 +265,7 @@ class FastExchange:
         self._finish(up.status, self.keep)
 
     def fail(self, kind: str) -> None:
-        """No complete response: like a failed ``_exchange`` or a relay broken off."""
+        """No complete response: like a failed ``Forwarder.exchange`` or a relay broken off."""
         try:
             up = self.up
             conn = self.conn
@@ -279,7 +279,7 @@ class FastExchange:
                 return
             if kind == "reset" and not up.got_bytes:
                 # The pooled connection was closed as we reused it: the upstream never saw the
-                # request, so send it once more on a fresh connection, as _exchange does.
+                # request, so send it once more on a fresh connection, as Forwarder.exchange does.
                 side = self.side
                 conn.run_fast_fallback(
                     self.req,

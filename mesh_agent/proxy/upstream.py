@@ -445,7 +445,7 @@ class Upstream(asyncio.Protocol):
                     w.set_exception(Failure(kind))
 
     def expire(self) -> None:
-        """Per-try or route deadline reached before the response head (``_exchange`` then
+        """Per-try or route deadline reached before the response head (``Forwarder.exchange`` then
         aborts the connection)."""
         w = self.head_waiter
         if w is not None and not w.done():
