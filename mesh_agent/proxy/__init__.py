@@ -86,7 +86,13 @@ class Proxy:
             fast=self.inbound_side.fast,
             holder=holder,
         )
-        self.outbound = Listener(loop, self.outbound_side.handle, self.limits, holder=holder)
+        self.outbound = Listener(
+            loop,
+            self.outbound_side.handle,
+            self.limits,
+            fast=self.outbound_side.fast,
+            holder=holder,
+        )
         self._sweeper: asyncio.TimerHandle | None = loop.call_later(1.0, self._sweep)
 
     def _pools(self) -> list[Pool]:

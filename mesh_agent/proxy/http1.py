@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import re
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from mesh_agent.proxy.downstream import Body
@@ -205,6 +205,7 @@ class Request:
         "http11",
         "keep_alive",
         "method",
+        "plan",
         "request_id",
         "source",
         "started",
@@ -230,6 +231,9 @@ class Request:
         self.content_length: int | None = None
         self.chunked = False
         self.body: Body | None = None
+        # Routing already decided by a fast path that then could not take the request (no idle
+        # connection): the general path reuses it rather than drawing a second endpoint.
+        self.plan: Any = None
 
     def lookup(self) -> dict[bytes, bytes]:
         """Lower-cased header map for header-based routing (built only when a route needs it)."""

@@ -227,15 +227,18 @@ class Upstream(asyncio.Protocol):
         self._arm(deadline, body_deadline)
         return fut
 
-    def begin_fast(self, head_request: bool, fast: FastSink) -> None:
+    def begin_fast(
+        self, head_request: bool, fast: FastSink, body_deadline: float | None = None
+    ) -> None:
         """An exchange driven by callbacks: ``fast`` hears of the head, the end and failures;
-        ``fast.deadline`` is when it times out, before the head (504) or during the body."""
+        ``fast.deadline`` is when it times out before the head (504), ``body_deadline``
+        (default: the same) when it times out during the body."""
         if self._parser_dirty:
             self.parser = httptools.HttpResponseParser(self)
             self._parser_dirty = False
         self._reset_exchange(head_request)
         self.fast = fast
-        self._arm(fast.deadline, fast.deadline)
+        self._arm(fast.deadline, fast.deadline if body_deadline is None else body_deadline)
 
     def _arm(self, deadline: float, body_deadline: float) -> None:
         self.deadline = deadline
