@@ -109,6 +109,16 @@ def _env_headers() -> list[tuple[str, str]]:
         raise SystemExit(f"mesh-agent: MESH_AGENT_OTLP_HEADERS: {exc}") from None
 
 
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
 def _default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return str(Path(base) / "mesh-agent")
@@ -247,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often RED metrics are exported over OTLP to --otlp-endpoint's /v1/metrics; "
         "0: never (MESH_AGENT_METRICS_INTERVAL)",
     )
-    tim = p.add_argument_group("timeouts (seconds)")
+    tim = p.add_argument_group("timeouts (seconds) and limits")
     tim.add_argument(
         "--header-timeout",
         type=_seconds,
@@ -267,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="idle keep-alive client connections are closed after this (MESH_AGENT_IDLE_TIMEOUT)",
     )
     tim.add_argument(
+        "--max-connections",
+        type=_count,
+        default=_env("MAX_CONNECTIONS", "1024"),
+        help="client connections each of the inbound and outbound listeners holds at most; "
+        "past it a new connection is closed at once (MESH_AGENT_MAX_CONNECTIONS)",
+    )
+    tim.add_argument(
         "--drain-timeout",
         type=_seconds,
         default=_env("DRAIN_TIMEOUT", "10"),
@@ -282,14 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from mesh_agent.admin import AdminServer
-    from mesh_agent.balancer import EndpointRegistry
-    from mesh_agent.control import ConfigStore, FileSource, initial_config
-    from mesh_agent.discovery import ControlPlaneSource
-    from mesh_agent.proxy import Limits, Proxy
+    from mesh_agent.agent import Agent, state_dir_for
+    from mesh_agent.control import ConfigSource, ConfigStore, FileSource, initial_config
+    from mesh_agent.proxy import Limits
     from mesh_agent.telemetry import Telemetry
 
-    loop = asyncio.get_running_loop()
     telemetry = Telemetry(
         service=args.service,
         version=args.version,
@@ -308,129 +322,99 @@ async def _run(args: argparse.Namespace) -> int:
             headers=telemetry.otlp_headers,
             interval_s=args.metrics_interval,
         )
-    registry = EndpointRegistry()
-    state_dir = Path(args.state_dir) / f"{args.namespace}.{args.service}"
-    proxy_ref: list[Proxy] = []
+    config_file: str | None = args.config
+    listeners: dict[str, str] = {}
 
-    def on_swap(compiled: object) -> None:
-        if proxy_ref:
-            proxy_ref[0].prune_endpoints(store.holder.current.endpoints)
+    def file_source(store: ConfigStore) -> ConfigSource:
+        assert config_file is not None
+        return FileSource(config_file, store)
 
-    store = ConfigStore(registry, state_dir, on_swap=on_swap)
-    initial_config(store, args.config)
-    proxy = Proxy(
-        holder=store.holder,
-        telemetry=telemetry,
-        registry=registry,
+    def control_plane_source(store: ConfigStore) -> ConfigSource:
+        # Built now, registered at start: the inbound address is known once it is bound.
+        return _LateControlPlaneSource(args, store, listeners)
+
+    agent = Agent(
         service=args.service,
         version=args.version,
         namespace=args.namespace,
         app=args.app,
+        telemetry=telemetry,
         limits=Limits(
             header_timeout_s=args.header_timeout,
             body_timeout_s=args.body_timeout,
             idle_timeout_s=args.idle_timeout,
             drain_timeout_s=args.drain_timeout,
+            max_connections=args.max_connections,
         ),
+        state_dir=state_dir_for(args.state_dir, args.namespace, args.service),
+        source_factory=(
+            control_plane_source if args.control_plane else (file_source if config_file else None)
+        ),
+        bootstrap={"config_file": config_file, "control_plane": args.control_plane},
     )
-    proxy_ref.append(proxy)
-
-    listeners: dict[str, str] = {}
+    initial_config(agent.store, config_file)
     try:
-        if args.app is not None:
-            h, p = await proxy.inbound.start(*args.inbound)
-            listeners["inbound"] = f"{h}:{p}"
-        h, p = await proxy.outbound.start(*args.outbound)
-        listeners["outbound"] = f"{h}:{p}"
-
-        def extra_metrics() -> bytes:
-            version = store.loaded.version if store.loaded else "none"
-            return (
-                "# HELP mesh_agent_config_info Config version in force.\n"
-                "# TYPE mesh_agent_config_info gauge\n"
-                f'mesh_agent_config_info{{version="{version}"}} 1\n'
-                "# HELP mesh_agent_config_updates_total Config updates by result.\n"
-                "# TYPE mesh_agent_config_updates_total counter\n"
-                f'mesh_agent_config_updates_total{{result="accepted"}} {store.accepted}\n'
-                f'mesh_agent_config_updates_total{{result="rejected"}} {store.rejected}\n'
-                "# HELP mesh_agent_downstream_connections Open client connections.\n"
-                "# TYPE mesh_agent_downstream_connections gauge\n"
-                f"mesh_agent_downstream_connections {proxy.connection_count()}\n"
-            ).encode()
-
-        admin = AdminServer(
-            config=store,
-            metrics=telemetry,
-            bootstrap={
-                "service": args.service,
-                "version": args.version,
-                "namespace": args.namespace,
-                "listeners": listeners,
-                "app": f"{args.app[0]}:{args.app[1]}" if args.app else None,
-                "config_file": args.config,
-                "state_dir": str(state_dir),
-            },
-            extra_metrics=extra_metrics,
+        listeners.update(
+            await agent.start(inbound=args.inbound, outbound=args.outbound, admin=args.admin)
         )
-        h, p = await admin.start(*args.admin)
-        listeners["admin"] = f"{h}:{p}"
     except OSError as exc:
         log.error("cannot listen: %s", exc)
-        await proxy.close()
         telemetry.shutdown()
         return 2
-
-    source: FileSource | ControlPlaneSource | None = None
-    if args.control_plane:
-        source = _control_plane_source(args, store, listeners.get("inbound"))
-        if source is None:
-            await admin.close()
-            await proxy.close()
-            telemetry.shutdown()
-            return 2
-    elif args.config:
-        source = FileSource(args.config, store)
-    if source is not None:
-        source.start()
     if exporter is not None:
         exporter.start()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    if source is not None:
-        loop.add_signal_handler(signal.SIGHUP, source.trigger)
-    else:
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: no config source"))
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, agent.stop)
+    loop.add_signal_handler(signal.SIGINT, agent.stop)
+    loop.add_signal_handler(signal.SIGHUP, agent.reload)
+    loaded = agent.store.loaded
     log.info(
         "mesh-agent %s.%s (%s) listening: %s; config %s",
         args.service,
         args.namespace,
         args.version,
         " ".join(f"{k}={v}" for k, v in listeners.items()),
-        store.loaded.version if store.loaded else "none",
+        loaded.version if loaded else "none",
     )
-    await stop.wait()
-    log.info("draining")
-    if source is not None:
-        await source.stop()
-    await admin.close()
-    await proxy.close()
+    await agent.serve()
+    log.info("drained")
+    await agent.close()
     if exporter is not None:
         await exporter.stop()
     telemetry.shutdown()
     return 0
 
 
+class _LateControlPlaneSource:
+    """A ConfigSource that registers with the control plane when the agent starts: only then
+    is the inbound listener bound and its address (port 0 resolved) known."""
+
+    def __init__(
+        self, args: argparse.Namespace, store: ControlPlaneStore, listeners: dict[str, str]
+    ) -> None:
+        self.args, self.store, self.listeners = args, store, listeners
+        self.inner: ControlPlaneSourceT | None = None
+
+    def start(self) -> None:
+        self.inner = _control_plane_source(self.args, self.store, self.listeners.get("inbound"))
+        self.inner.start()
+
+    async def stop(self) -> None:
+        if self.inner is not None:
+            await self.inner.stop()
+
+    def trigger(self) -> None:
+        if self.inner is not None:
+            self.inner.trigger()
+
+
 def _control_plane_source(
     args: argparse.Namespace, store: ControlPlaneStore, inbound: str | None
-) -> ControlPlaneSourceT | None:
+) -> ControlPlaneSourceT:
     from mesh_agent.discovery import ControlPlaneSource, stable_agent_id
     from mesh_agent.protocol import AgentRegistration
 
     address = f"{args.advertise[0]}:{args.advertise[1]}" if args.advertise else inbound
-    if address is not None and address.rsplit(":", 1)[0] in ("0.0.0.0", "[::]", "::"):
-        log.error("the inbound listener is on %s: give --advertise HOST:PORT", address)
-        return None
     registration = AgentRegistration(
         agent_id=stable_agent_id(args.namespace, args.service, args.version, address),
         service=args.service,
@@ -451,6 +435,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--config and --control-plane are exclusive: choose one config source")
     if args.control_plane and not args.token:
         parser.error("--control-plane needs --token (or MESH_AGENT_TOKEN)")
+    if (
+        args.control_plane
+        and args.app
+        and not args.advertise
+        and args.inbound[0] in ("0.0.0.0", "::")
+    ):
+        parser.error(
+            f"the inbound listener is on {args.inbound[0]}: give --advertise HOST:PORT, the "
+            "address callers reach this instance at"
+        )
     if args.control_plane and not args.otlp_endpoint:
         # The control plane collects telemetry too: report there unless told otherwise.
         args.otlp_endpoint = args.control_plane

@@ -38,9 +38,35 @@ class _AdminConn(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        server = self.server
+        if len(server.conns) >= server.max_connections:
+            self.transport.abort()
+            return
+        server.conns.add(self)
+        # A client that connects and says nothing holds a connection like a slow one.
+        self._arm(server.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.conns.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _arm(self, seconds: float) -> None:
+        """One timer per connection: the header timeout while a request head is due, the idle
+        timeout between requests. Either closes the connection when it fires."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -52,6 +78,7 @@ class _AdminConn(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.url = b""
+        self._arm(self.server.header_timeout_s)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -71,6 +98,7 @@ class _AdminConn(asyncio.Protocol):
             log.exception("admin handler failed for %r", path)
             status, ctype, body = 500, b"text/plain", b"internal error\n"
         self._respond(status, ctype, body, keep, head=method == b"HEAD")
+        self._arm(self.server.idle_timeout_s)
 
     def _respond(
         self, status: int, ctype: bytes, body: bytes, keep: bool, head: bool = False
@@ -112,11 +140,19 @@ class AdminServer:
         metrics: MetricsSource,
         bootstrap: dict[str, Any],
         extra_metrics: Callable[[], bytes] | None = None,
+        header_timeout_s: float = 10.0,
+        idle_timeout_s: float = 60.0,
+        max_connections: int = 64,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.bootstrap = bootstrap
         self.extra_metrics = extra_metrics
+        self.header_timeout_s = header_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        # Scrapers and operators need a handful; the cap keeps a flood from costing memory.
+        self.max_connections = max_connections
+        self.conns: set[_AdminConn] = set()
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -130,6 +166,9 @@ class AdminServer:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        for conn in list(self.conns):
+            if conn.transport is not None:
+                conn.transport.close()
 
     def route(self, path: bytes) -> tuple[int, bytes, bytes]:
         if path == b"/ready":

@@ -27,6 +27,7 @@ class Endpoint:
         "address",
         "consecutive_failures",
         "ejected_until",
+        "healthy",
         "host",
         "pool",
         "port",
@@ -41,12 +42,15 @@ class Endpoint:
         self.consecutive_failures = 0
         self.times_ejected = 0
         self.ejected_until = 0.0
+        # Set by the active health checker (mesh_agent.health); True when nothing checks it.
+        self.healthy = True
         # Owned by the proxy (its connection pool); typed loosely so this module stays
         # independent of the transport.
         self.pool: object | None = None
 
     def available(self, now: float) -> bool:
-        return self.ejected_until <= now
+        """Neither ejected by outlier detection nor failing its health check."""
+        return self.ejected_until <= now and self.healthy
 
     def __repr__(self) -> str:
         return f"Endpoint({self.address})"
@@ -83,13 +87,20 @@ class Balancer(Protocol):
     def pick(self, now: float, avoid: Endpoint | None = None) -> Endpoint: ...
 
 
+# Below this share of available endpoints, balance over all of them (Envoy's panic threshold):
+# when most hosts look bad the checks are more likely wrong than the hosts, and concentrating
+# all traffic on the few left would take them down too.
+DEFAULT_PANIC_PERCENT = 50.0
+
+
 def _candidates(
-    endpoints: Sequence[Endpoint], now: float, avoid: Endpoint | None
+    endpoints: Sequence[Endpoint], now: float, avoid: Endpoint | None, panic_percent: float
 ) -> list[Endpoint]:
-    """Available endpoints, without ``avoid`` when others exist; all endpoints when none is
-    available (panic mode: a wrong guess beats a certain failure)."""
-    ok = [e for e in endpoints if e.ejected_until <= now]
-    if not ok:
+    """Available endpoints (not ejected, not failing a health check), without ``avoid`` when
+    others exist; all endpoints when fewer than ``panic_percent`` % are available (panic mode:
+    a wrong guess beats a certain failure)."""
+    ok = [e for e in endpoints if e.ejected_until <= now and e.healthy]
+    if not ok or len(ok) * 100.0 < len(endpoints) * panic_percent:
         ok = list(endpoints)
     if avoid is not None and len(ok) > 1:
         ok = [e for e in ok if e is not avoid] or ok
@@ -97,39 +108,51 @@ def _candidates(
 
 
 class RoundRobin:
-    __slots__ = ("_next", "endpoints")
+    __slots__ = ("_next", "endpoints", "panic_percent")
 
     def __init__(
-        self, endpoints: Sequence[Endpoint], rng: Callable[[], float] = random.random
+        self,
+        endpoints: Sequence[Endpoint],
+        rng: Callable[[], float] = random.random,
+        panic_percent: float = DEFAULT_PANIC_PERCENT,
     ) -> None:
         if not endpoints:
             raise ValueError("a balancer needs at least one endpoint")
         self.endpoints = tuple(endpoints)
+        self.panic_percent = panic_percent
         # Start at a random place so that many agents do not all hit the first endpoint first.
         self._next = int(rng() * len(self.endpoints))
 
     def pick(self, now: float, avoid: Endpoint | None = None) -> Endpoint:
         eps = self.endpoints
         n = len(eps)
-        for _ in range(n):
-            ep = eps[self._next % n]
-            self._next += 1
-            if ep.ejected_until <= now and (ep is not avoid or n == 1):
-                return ep
-        ok = _candidates(eps, now, avoid)
+        ep = eps[self._next % n]
+        self._next += 1
+        if ep.ejected_until <= now and ep.healthy and (ep is not avoid or n == 1):
+            return ep
+        # Only when the next one in turn is unavailable or to be avoided.
+        ok = _candidates(eps, now, avoid, self.panic_percent)
+        if ep in ok and (ep is not avoid or n == 1):
+            return ep  # panic mode: its turn even though it looks unavailable
         return ok[self._next % len(ok)]
 
 
 class LeastRequest:
     """Power of two choices: of two random endpoints, the one with fewer requests in flight."""
 
-    __slots__ = ("_rng", "endpoints")
+    __slots__ = ("_rng", "endpoints", "panic_percent")
 
-    def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        rng: random.Random | None = None,
+        panic_percent: float = DEFAULT_PANIC_PERCENT,
+    ) -> None:
         if not endpoints:
             raise ValueError("a balancer needs at least one endpoint")
         self.endpoints = tuple(endpoints)
         self._rng = rng or random.Random()
+        self.panic_percent = panic_percent
 
     def pick(self, now: float, avoid: Endpoint | None = None) -> Endpoint:
         eps = self.endpoints
@@ -139,18 +162,26 @@ class LeastRequest:
         rng = self._rng
         a = eps[int(rng.random() * n)]
         b = eps[int(rng.random() * n)]
-        if a is b or a.ejected_until > now or b.ejected_until > now or avoid in (a, b):
+        if (
+            a is b
+            or a.ejected_until > now
+            or b.ejected_until > now
+            or not (a.healthy and b.healthy)
+            or avoid in (a, b)
+        ):
             # Slow path, only when the fast draw hit a duplicate or an unavailable endpoint.
-            ok = _candidates(eps, now, avoid)
+            ok = _candidates(eps, now, avoid, self.panic_percent)
             if len(ok) == 1:
                 return ok[0]
             a, b = rng.sample(ok, 2)
         return a if a.active_requests <= b.active_requests else b
 
 
-def make_balancer(kind: str, endpoints: Sequence[Endpoint]) -> Balancer:
+def make_balancer(
+    kind: str, endpoints: Sequence[Endpoint], panic_percent: float = DEFAULT_PANIC_PERCENT
+) -> Balancer:
     if kind == "round_robin":
-        return RoundRobin(endpoints)
+        return RoundRobin(endpoints, panic_percent=panic_percent)
     if kind == "least_request":
-        return LeastRequest(endpoints)
+        return LeastRequest(endpoints, panic_percent=panic_percent)
     raise ValueError(f"unknown load balancer {kind!r}")

@@ -7,7 +7,8 @@ can show it. A rejected config never replaces the one in force.
 
 :class:`FileSource` feeds the store from ``--config FILE``: it polls the file's stat every second
 (cheap: one ``stat`` call) and reloads on change or on demand (SIGHUP). The control-plane stream
-will be a second source feeding the same store, ACKing or NACKing with what ``offer`` returns.
+is a second :class:`ConfigSource` feeding the same store, ACKing or NACKing with what ``offer``
+returns.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mesh_agent.balancer import EndpointRegistry
 from mesh_agent.config import (
@@ -33,9 +34,24 @@ from mesh_agent.protocol import MeshConfig, config_version
 from mesh_agent.proxy import ConfigHolder
 from mesh_agent.routing import CompiledConfig, compile_config
 
-__all__ = ["ConfigStore", "FileSource", "initial_config"]
+__all__ = ["ConfigSource", "ConfigStore", "FileSource", "initial_config"]
 
 log = logging.getLogger("mesh_agent.control")
+
+
+class ConfigSource(Protocol):
+    """Where configs come from: something that offers them to a :class:`ConfigStore` (and
+    reports its rejections there) on its own schedule. :class:`FileSource` is one; the
+    control-plane client is another. The agent builds one per run from its store."""
+
+    def start(self) -> None:
+        """Begin feeding the store (called on the running loop, after the listeners are up)."""
+
+    async def stop(self) -> None:
+        """Stop feeding the store; return once nothing more will be offered."""
+
+    def trigger(self) -> None:
+        """Reload or reconnect now rather than at the next scheduled time (SIGHUP)."""
 
 
 class ConfigStore:
@@ -121,7 +137,11 @@ def loaded_at_iso(t: float | None) -> str | None:
 
 
 def initial_config(store: ConfigStore, config_file: str | None) -> None:
-    """At start: the config file if given and valid, else the persisted last good config."""
+    """At start: the config file if given and valid, else the persisted last good config.
+
+    When the file was unusable and the agent falls back to the persisted config, the file's
+    error stays in ``last_error``: /config must say why the agent runs on an older config.
+    """
     if config_file is not None:
         try:
             store.offer(load_file(config_file))
@@ -135,7 +155,9 @@ def initial_config(store: ConfigStore, config_file: str | None) -> None:
             store.reject(exc)
             persisted = None
         if persisted is not None:
+            why = store.last_error
             store.offer(persisted)
+            store.last_error = why
             log.warning("started from the persisted config %s", persisted.version)
 
 

@@ -3,7 +3,8 @@
 This module is the single source of truth for the dynamic configuration an agent runs on (the
 snapshot the control plane pushes, or the file given with ``mesh-agent --config``) and for the
 discovery messages that carry it. The control plane imports this module; it must therefore
-depend on nothing but pydantic and the standard library, and never on the rest of ``mesh_agent``.
+depend on nothing but pydantic, RE2 (``google-re2``: both sides must accept exactly the same
+route regexes) and the standard library, and never on the rest of ``mesh_agent``.
 
 Every model is frozen and forbids unknown fields: a typo in a pushed config is an error the agent
 reports (NACK), not a setting silently ignored.
@@ -18,11 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "MAX_REGEX_LENGTH",
+    "MAX_REGEX_PROGRAM_SIZE",
     "AbortFault",
     "AgentRegistration",
     "Backend",
@@ -33,11 +37,13 @@ __all__ = [
     "DiscoveryResponse",
     "FaultPolicy",
     "HeaderMatch",
+    "HealthCheck",
     "InboundPolicy",
     "MeshConfig",
     "MirrorPolicy",
     "OutlierDetection",
     "PathMatch",
+    "PathNormalization",
     "RateLimit",
     "RetryBudget",
     "RetryPolicy",
@@ -45,6 +51,7 @@ __all__ = [
     "RouteMatch",
     "ServiceConfig",
     "VersionConfig",
+    "compile_regex",
     "config_version",
     "consistency_errors",
     "parse_address",
@@ -79,12 +86,39 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Route regexes run on every request, on input an attacker chooses: RE2 matches in time linear
+# in the input (no backtracking, so no `(a+)+b` that freezes the agent), and the size of the
+# compiled program is capped as Envoy caps it (its re2.max_program_size default).
+MAX_REGEX_LENGTH = 1024
+MAX_REGEX_PROGRAM_SIZE = 100
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # errors become config issues, not lines on stderr
+
+
+def compile_regex(pattern: str) -> Any:
+    """Compile ``pattern`` with RE2 for matching bytes, or raise ValueError saying why not
+    (syntax RE2 does not support, such as backreferences or lookaround, or a pattern too big)."""
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise ValueError(f"regular expression longer than {MAX_REGEX_LENGTH} characters")
+    try:
+        compiled = re2.compile(pattern.encode(), _RE2_OPTIONS)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        raise ValueError(f"invalid regular expression (RE2 syntax): {detail}") from None
+    if compiled.programsize > MAX_REGEX_PROGRAM_SIZE:
+        raise ValueError(
+            f"regular expression too complex: program size {compiled.programsize} "
+            f"> {MAX_REGEX_PROGRAM_SIZE}"
+        )
+    return compiled
+
+
 def _check_regex(pattern: str | None) -> str | None:
     if pattern is not None:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"invalid regular expression: {exc}") from exc
+        compile_regex(pattern)
     return pattern
 
 
@@ -97,7 +131,7 @@ def _one_of(model: BaseModel, fields: tuple[str, ...], what: str) -> None:
 class PathMatch(_Model):
     """Match on the request path (the query string is not part of it). Exactly one field is set.
 
-    ``regex`` must match the whole path (Python ``re`` syntax, full match).
+    ``regex`` must match the whole path (RE2 syntax, full match), after normalisation.
     """
 
     exact: str | None = None
@@ -256,6 +290,29 @@ class ConnectionLimits(_Model):
     connect_timeout_ms: Annotated[int, Field(gt=0)] = 1000
 
 
+class HealthCheck(_Model):
+    """Active HTTP health check of every endpoint of a service, by each calling agent: a
+    ``GET path`` every ``interval_ms`` (± ``jitter_percent`` %, so that many agents do not
+    probe in step); a 2xx within ``timeout_ms`` passes, anything else fails. An endpoint turns
+    unhealthy after ``unhealthy_threshold`` failures in a row and healthy again after
+    ``healthy_threshold`` passes; endpoints start healthy. An unhealthy endpoint takes no
+    traffic, like one ejected by outlier detection (both count against the panic threshold)."""
+
+    path: str = "/healthz"
+    interval_ms: Annotated[int, Field(ge=10, le=3_600_000)] = 10_000
+    timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 1_000
+    healthy_threshold: Annotated[int, Field(ge=1, le=100)] = 2
+    unhealthy_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    jitter_percent: Annotated[float, Field(ge=0, le=100)] = 10.0
+
+    @field_validator("path")
+    @classmethod
+    def _origin_form(cls, v: str) -> str:
+        if not v.startswith("/") or any(c.isspace() or ord(c) < 0x21 for c in v):
+            raise ValueError("must start with '/' and contain no spaces or control characters")
+        return v
+
+
 class RateLimit(_Model):
     """Token bucket: ``requests_per_second`` refill, ``burst`` capacity."""
 
@@ -292,6 +349,10 @@ class ServiceConfig(_Model):
     outlier_detection: OutlierDetection = OutlierDetection()
     connection_limits: ConnectionLimits = ConnectionLimits()
     rate_limit: RateLimit | None = None
+    health_check: HealthCheck | None = None
+    # Below this share of available endpoints in a version, traffic is spread over all of them
+    # (Envoy's healthy_panic_threshold); 0 turns panic mode off.
+    panic_threshold_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
 
     @field_validator("name", "namespace")
     @classmethod
@@ -317,11 +378,23 @@ class InboundPolicy(_Model):
     connection_limits: ConnectionLimits = ConnectionLimits()
 
 
+class PathNormalization(_Model):
+    """How request paths are normalised before route matching and forwarding (as Envoy's
+    ``normalize_path``, ``merge_slashes`` and ``path_with_escaped_slashes_action``): dot
+    segments removed (RFC 3986), repeated slashes merged, percent-encoded unreserved characters
+    decoded. ``escaped_slashes`` says what happens to ``%2F`` and ``%5C`` (an encoded slash or
+    backslash), which other hops may decode differently: ``reject`` with 400, ``keep`` them
+    encoded, or ``unescape`` them before normalising."""
+
+    escaped_slashes: Literal["reject", "keep", "unescape"] = "reject"
+
+
 class MeshConfig(_Model):
     """The whole dynamic configuration of one agent (a snapshot)."""
 
     services: tuple[ServiceConfig, ...] = ()
     inbound: InboundPolicy = InboundPolicy()
+    path_normalization: PathNormalization = PathNormalization()
 
 
 class ConfigIssue(_Model):

@@ -9,13 +9,19 @@ A compiled config is never mutated; a new version compiles a new one.
 from __future__ import annotations
 
 import bisect
+import math
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 
 from mesh_agent import protocol
-from mesh_agent.balancer import Balancer, Endpoint, EndpointRegistry, make_balancer
+from mesh_agent.balancer import (
+    DEFAULT_PANIC_PERCENT,
+    Balancer,
+    Endpoint,
+    EndpointRegistry,
+    make_balancer,
+)
 from mesh_agent.resilience import (
     FaultInjector,
     OutlierDetector,
@@ -37,9 +43,9 @@ __all__ = [
 
 HeaderLookup = Mapping[bytes, bytes]
 
-# "No timeout" is a deadline far enough away never to fire, so the hot path keeps one code
-# path (a float deadline) instead of branching on None on every request.
-NO_TIMEOUT_S = 365 * 24 * 3600.0
+# "No timeout" is an infinite deadline: the hot path keeps one code path (float arithmetic on
+# deadlines) and the proxy arms no timer at all for it (``loop.call_at`` is never given inf).
+NO_TIMEOUT_S = math.inf
 
 
 def timeout_seconds(timeout_ms: int) -> float:
@@ -52,10 +58,16 @@ class VersionPool:
 
     __slots__ = ("balancer", "endpoints", "version")
 
-    def __init__(self, version: str, endpoints: tuple[Endpoint, ...], lb: str) -> None:
+    def __init__(
+        self,
+        version: str,
+        endpoints: tuple[Endpoint, ...],
+        lb: str,
+        panic_percent: float = DEFAULT_PANIC_PERCENT,
+    ) -> None:
         self.version = version
         self.endpoints = endpoints
-        self.balancer: Balancer = make_balancer(lb, endpoints)
+        self.balancer: Balancer = make_balancer(lb, endpoints, panic_percent)
 
 
 class _HeaderMatcher:
@@ -65,7 +77,7 @@ class _HeaderMatcher:
         self.name = m.name.encode("latin-1")
         self.exact = m.exact.encode("latin-1") if m.exact is not None else None
         self.prefix = m.prefix.encode("latin-1") if m.prefix is not None else None
-        self.regex = re.compile(m.regex.encode("latin-1")) if m.regex is not None else None
+        self.regex = protocol.compile_regex(m.regex) if m.regex is not None else None
         self.present = m.present
         self.invert = m.invert
 
@@ -116,7 +128,7 @@ class CompiledRoute:
         self.path_exact = path.exact.encode() if path and path.exact is not None else None
         self.path_prefix = path.prefix.encode() if path and path.prefix is not None else None
         self.path_regex = (
-            re.compile(path.regex.encode()) if path and path.regex is not None else None
+            protocol.compile_regex(path.regex) if path and path.regex is not None else None
         )
         self.methods = (
             frozenset(m.encode() for m in route.match.methods) if route.match.methods else None
@@ -170,6 +182,7 @@ class CompiledService:
         "budget",
         "budget_policy",
         "connect_timeout_s",
+        "health_check",
         "max_connections",
         "max_pending",
         "name",
@@ -191,12 +204,15 @@ class CompiledService:
         previous: CompiledService | None = None,
     ) -> None:
         self.name = svc.name
+        self.health_check = svc.health_check
         self.namespace = svc.namespace
         pools: dict[str, VersionPool] = {}
         for version, vc in svc.versions.items():
             if vc.endpoints:
                 eps = tuple(registry.get(*protocol.parse_address(a)) for a in vc.endpoints)
-                pools[version] = VersionPool(version, eps, svc.load_balancer)
+                pools[version] = VersionPool(
+                    version, eps, svc.load_balancer, svc.panic_threshold_percent
+                )
         self.pools = pools
         routes = svc.routes
         if not routes:

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUCKETS_MS",
+    "MAX_SOURCES",
+    "OTHER_SOURCE",
     "Span",
     "Telemetry",
     "TraceContext",
@@ -47,6 +49,13 @@ _LE: tuple[str, ...] = (*(repr(b) for b in _BOUNDS_S), "+Inf")
 # this many series new edges are folded into one, so memory and scrape size stay bounded.
 MAX_SERIES = 10_000
 _OVERFLOW = "_overflow"
+
+# The source label comes from the caller's `x-mesh-source` header, which anyone can set: only
+# names shaped like a service name get a label of their own, and only the first MAX_SOURCES of
+# them; every other value is counted under OTHER_SOURCE, so spoofing cannot crowd out real edges.
+MAX_SOURCES = 256
+OTHER_SOURCE = "other"
+_SOURCE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 # Series layout: [requests, duration sum (s), per-bucket count x len(_BOUNDS_S), +Inf count].
 # Buckets are stored non-cumulative so `record` touches one slot; scrapes accumulate.
@@ -332,6 +341,7 @@ class Telemetry:
         self.otlp_endpoint = otlp_endpoint
         self.otlp_headers: dict[str, str] = dict(otlp_headers or {})
         self._series: dict[tuple[str, str, str, str], list[Any]] = {}
+        self._sources: set[str] = {service}
         self._tracing: _Tracing | None = None
         if otlp_endpoint:
             self._tracing = _Tracing(
@@ -361,6 +371,8 @@ class Telemetry:
             cls = _CLASS_BY_STATUS[status]
         else:
             cls = "5xx"
+        if source not in self._sources:
+            source = self._admit_source(source)
         key = (source, destination, destination_version, cls)
         series = self._series.get(key)
         if series is None:
@@ -370,6 +382,12 @@ class Telemetry:
         series[_REQ] += 1
         series[_SUM] += duration_s
         series[_BUCKET0 + bisect_left(_BOUNDS_S, duration_s)] += 1
+
+    def _admit_source(self, source: str) -> str:
+        if len(self._sources) >= MAX_SOURCES or not _SOURCE_NAME.fullmatch(source):
+            return OTHER_SOURCE
+        self._sources.add(source)
+        return source
 
     def _new_series(self, key: tuple[str, str, str, str]) -> list[Any]:
         if len(self._series) >= MAX_SERIES:

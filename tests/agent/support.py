@@ -1,5 +1,6 @@
-"""Helpers for the agent tests: a scriptable HTTP backend, a fake telemetry sink, an in-process
-agent on real sockets, and a runner that drives a whole scenario on uvloop."""
+"""Helpers for the agent tests: a scriptable HTTP backend, a fake telemetry sink, the real agent
+(``mesh_agent.agent.Agent``) in-process on real sockets, and a runner that drives a whole
+scenario on uvloop."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from typing import Any
 import httptools
 import uvloop
 
-from mesh_agent.balancer import EndpointRegistry
+from mesh_agent.agent import Agent as CoreAgent
 from mesh_agent.config import validate_config
-from mesh_agent.control import ConfigStore
 from mesh_agent.proxy import Limits, Proxy
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +313,8 @@ def service(name: str, versions: dict[str, list[str]], **policy: Any) -> dict[st
 
 
 class Agent:
-    """Inbound + outbound listeners on free ports, driven by a ConfigStore like the real one."""
+    """The production :class:`mesh_agent.agent.Agent` on free loopback ports (inbound only with
+    an app, no admin listener), with a fake telemetry sink unless given a real one."""
 
     def __init__(
         self,
@@ -321,21 +322,32 @@ class Agent:
         *,
         app: str | None = None,
         limits: Limits | None = None,
-        telemetry: FakeTelemetry | None = None,
+        telemetry: Any = None,
         state_dir: str | None = None,
         service: str = "web",
     ) -> None:
         self.initial = config
-        self.app = app
-        self.limits = limits
-        self.telemetry = telemetry or FakeTelemetry()
-        self.state_dir = state_dir
-        self.service = service
-        self.registry = EndpointRegistry()
-        self.store = ConfigStore(self.registry, state_dir)
-        self.proxy: Proxy | None = None
+        self.telemetry = telemetry if telemetry is not None else FakeTelemetry()
+        address = None
+        if app is not None:
+            host, port = app.rsplit(":", 1)
+            address = (host, int(port))
+        self.core = CoreAgent(
+            service=service,
+            version="v1",
+            app=address,
+            telemetry=self.telemetry,
+            limits=limits or Limits(drain_timeout_s=0.5),
+            state_dir=state_dir,
+        )
+        self.store = self.core.store
+        self.registry = self.core.registry
         self.outbound_port = 0
         self.inbound_port = 0
+
+    @property
+    def proxy(self) -> Proxy | None:
+        return self.core.proxy
 
     def apply(self, config: dict[str, Any]) -> str:
         loaded = validate_config(config, "test")
@@ -353,27 +365,21 @@ class Agent:
     async def __aenter__(self) -> Agent:
         if self.initial is not None:
             self.apply(self.initial)
-        app = None
-        if self.app is not None:
-            host, port = self.app.rsplit(":", 1)
-            app = (host, int(port))
-        self.proxy = Proxy(
-            holder=self.store.holder,
-            telemetry=self.telemetry,
-            registry=self.registry,
-            service=self.service,
-            version="v1",
-            app=app,
-            limits=self.limits or Limits(drain_timeout_s=0.5),
+        listeners = await self.core.start(
+            outbound=("127.0.0.1", 0), inbound=("127.0.0.1", 0) if self.core.app else None
         )
-        _, self.outbound_port = await self.proxy.outbound.start("127.0.0.1", 0)
-        if app is not None:
-            _, self.inbound_port = await self.proxy.inbound.start("127.0.0.1", 0)
+        self.outbound_port = int(listeners["outbound"].rsplit(":", 1)[1])
+        if "inbound" in listeners:
+            self.inbound_port = int(listeners["inbound"].rsplit(":", 1)[1])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.core.close()
+
+    def pooled_connections(self) -> list[Any]:
+        """The idle upstream connections of every pool (app first, then config endpoints)."""
         assert self.proxy is not None
-        await self.proxy.close()
+        return self.proxy.idle_upstreams()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,47 @@ def test_field_errors_have_paths() -> None:
     ), errors
 
 
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        (r"/(a)/\1", "invalid regular expression (RE2 syntax): invalid escape sequence: \\1"),
+        ("/(?=admin).*", "invalid regular expression (RE2 syntax): invalid perl operator: (?="),
+        ("/(?<!x)y", "invalid regular expression (RE2 syntax): invalid perl operator: (?<"),
+        ("/" + "a" * 2000, "regular expression longer than 1024 characters"),
+        ("/(a{50}){50}", "invalid regular expression (RE2 syntax): invalid repetition size"),
+        ("/[a-z]{300}", "regular expression too complex: program size"),
+    ],
+)
+def test_regexes_are_re2_with_a_size_limit_and_errors_name_the_field(
+    pattern: str, message: str
+) -> None:
+    """Backtracking-only syntax (backreferences, lookaround) and oversized patterns are refused
+    for path and header regexes alike, each error naming its field."""
+    data = _base(
+        routes=[
+            {
+                "name": "r",
+                "match": {
+                    "path": {"regex": pattern},
+                    "headers": [{"name": "x-user", "regex": pattern}],
+                },
+                "backends": [{"version": "v1"}],
+            }
+        ]
+    )
+    errors = _errors(data)
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(f"services[0].routes[0].match.path.regex: {message}"), errors
+    assert errors[1].startswith(f"services[0].routes[0].match.headers[0].regex: {message}"), errors
+
+
+def test_a_catastrophic_backtracking_pattern_matches_in_linear_time() -> None:
+    compiled = protocol.compile_regex("/slow/(a+)+b")
+    # Python's re takes longer than the age of the universe on this input; RE2 is linear.
+    assert compiled.fullmatch(b"/slow/" + b"a" * 10_000) is None
+    assert compiled.fullmatch(b"/slow/aaab") is not None
+
+
 def test_unknown_fields_are_rejected() -> None:
     data = _base(retries={"attempts": 2, "retry_onn": ["5xx"]})
     assert _errors(data) == ["services[0].retries.retry_onn: Extra inputs are not permitted"]

@@ -43,7 +43,10 @@ def test_initial_config_from_file_is_persisted_and_used_when_file_is_gone(tmp_pa
     assert second.ready and second.loaded is not None
     assert second.loaded.version == first.loaded.version
     assert second.loaded.source.startswith("state:")
-    assert second.last_error is None or "cannot read" in second.last_error["error"]
+    # the file's problem stays visible: the agent says why it runs on the persisted config
+    assert second.last_error is not None
+    assert "cannot read" in second.last_error["error"]
+    assert second.last_error["source"] == f"file:{cfg}"
     assert second.holder.current.service_for(b"reviews") is not None
 
 
@@ -59,6 +62,8 @@ def test_invalid_file_at_start_falls_back_to_state_and_reports_why(tmp_path: Pat
     assert store.loaded is not None and store.loaded.source.startswith("state:")
     # the rejection stays visible even though the state file loaded fine afterwards
     assert store.rejected == 1
+    assert store.last_error is not None
+    assert store.last_error["issues"][0]["path"] == "services[0].routes[0].backends[0].version"
 
 
 def test_no_config_anywhere_means_not_ready(tmp_path: Path) -> None:

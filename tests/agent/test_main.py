@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -85,8 +86,9 @@ def backend() -> Iterator[str]:
 
 
 class AgentProcess:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, command: list[str] = AGENT_CMD) -> None:
         self.tmp = tmp
+        self.command = command
         self.procs: list[subprocess.Popen[bytes]] = []
         self.admin = 0
         self.outbound = 0
@@ -96,7 +98,7 @@ class AgentProcess:
         log = open(self.tmp / f"agent-{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             [
-                *AGENT_CMD,
+                *self.command,
                 "--service",
                 "web",
                 "--admin",
@@ -171,6 +173,7 @@ def test_help_documents_every_flag() -> None:
         "--sampling-ratio",
         "--otlp-endpoint",
         "--log-level",
+        "--max-connections",
         "MESH_AGENT_SERVICE",
         "MESH_AGENT_CONFIG",
     ):
@@ -228,14 +231,26 @@ def test_sighup_reload_and_rejected_config(
     agent: AgentProcess, backend: str, tmp_path: Path
 ) -> None:
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(_config(backend))
+    cfg.write_text(_config(backend) + " " * 200)  # room for the same-size edit below
     proc = agent.start("--config", str(cfg))
     v1 = agent.get("/config").json()["version"]
 
-    # an invalid edit: rejected with the exact path; the old config keeps serving
-    cfg.write_text(
+    # An invalid edit: rejected with the exact path; the old config keeps serving. The edit is
+    # made invisible to the file watcher (same size, same mtime, same inode), so only SIGHUP
+    # can make the agent read it.
+    before = cfg.stat()
+    invalid = (
         "services:\n- name: reviews\n  versions: {v1: {endpoints: ['" + backend + "']}}\n"
         "  routes: [{name: r, backends: [{version: v2}]}]\n"
+    )
+    assert len(invalid) <= before.st_size
+    cfg.write_text(invalid + "#" * (before.st_size - len(invalid)))
+    os.utime(cfg, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = cfg.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
     )
     proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
@@ -243,6 +258,7 @@ def test_sighup_reload_and_rejected_config(
     while doc["last_error"] is None and time.monotonic() < deadline:
         time.sleep(0.05)
         doc = agent.get("/config").json()
+    assert doc["last_error"] is not None, "SIGHUP did not make the agent read the file"
     assert doc["version"] == v1
     assert doc["last_error"]["issues"][0]["path"] == "services[0].routes[0].backends[0].version"
     assert agent.call("reviews").status_code == 200
@@ -350,3 +366,169 @@ def test_listeners_on_port_zero_get_a_free_port(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+class _Gated(_Echo):
+    """``GET /slow`` waits until the test opens the gate; anything else answers at once."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/slow"):
+            self.server.arrived.set()  # type: ignore[attr-defined]
+            self.server.gate.wait(60)  # type: ignore[attr-defined]
+        super().do_GET()
+
+
+@pytest.fixture
+def gated() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Gated)
+    server.daemon_threads = True
+    server.name = b"gated"  # type: ignore[attr-defined]
+    server.arrived = threading.Event()  # type: ignore[attr-defined]
+    server.gate = threading.Event()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.gate.set()  # type: ignore[attr-defined]
+    server.shutdown()
+    server.server_close()
+
+
+def _address_of(server: ThreadingHTTPServer) -> str:
+    return f"127.0.0.1:{server.server_address[1]}"
+
+
+def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+def test_sigterm_drains_requests_in_flight_then_exits(
+    agent: AgentProcess, gated: ThreadingHTTPServer, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(_config(_address_of(gated)))
+    proc = agent.start("--config", str(cfg), "--drain-timeout", "30")
+    thread, result = _in_thread(lambda: agent.call("reviews", "/slow"))
+    assert gated.arrived.wait(10)  # type: ignore[attr-defined]
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not _refused(agent.outbound) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _refused(agent.outbound)  # no new connections once draining
+    assert proc.poll() is None  # ... but still there for the request in flight
+    gated.gate.set()  # type: ignore[attr-defined]
+    thread.join(10)
+    (response,) = result
+    assert isinstance(response, httpx.Response)
+    assert (response.status_code, response.text) == (200, "gated")
+    assert proc.wait(timeout=10) == 0
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+@pytest.mark.slow
+def test_the_four_timeout_flags_reach_the_proxy(
+    agent: AgentProcess, gated: ThreadingHTTPServer, tmp_path: Path
+) -> None:
+    """Each flag is set far below its default; every wait here is bounded well below the
+    defaults (10 s and more), so a flag that is not wired through fails the test."""
+    bound_s = 5.0
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(_config(_address_of(gated)))
+    proc = agent.start(
+        "--config",
+        str(cfg),
+        "--header-timeout",
+        "0.3",
+        "--body-timeout",
+        "0.3",
+        "--idle-timeout",
+        "0.3",
+        "--drain-timeout",
+        "0.3",
+    )
+    with socket.create_connection(("127.0.0.1", agent.outbound), timeout=bound_s) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: revi")  # --header-timeout
+        assert _read_all(s).startswith(b"HTTP/1.1 408 ")
+    with socket.create_connection(("127.0.0.1", agent.outbound), timeout=bound_s) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: reviews\r\nContent-Length: 10\r\n\r\nabc")
+        assert _read_all(s) == b""  # --body-timeout: closed
+    with socket.create_connection(("127.0.0.1", agent.outbound), timeout=bound_s) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+        answer = _read_all(s)  # --idle-timeout: answered, then closed while idle
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"gated")
+    # --drain-timeout: a request that never ends does not keep the agent from exiting
+    thread, _ = _in_thread(lambda: _swallow(lambda: agent.call("reviews", "/slow")))
+    assert gated.arrived.wait(bound_s)  # type: ignore[attr-defined]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=bound_s) == 0
+    gated.gate.set()  # type: ignore[attr-defined]
+    thread.join(bound_s)
+
+
+def _swallow(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except httpx.HTTPError as exc:
+        return exc
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_the_agent_only_distribution_installs_and_proxies_without_the_control_plane(
+    tmp_path: Path, backend: str
+) -> None:
+    """``pip install ./agent`` into a fresh virtualenv: the sidecar runs and proxies, and none
+    of the control plane's dependencies came with it."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    build = tmp_path / "src"
+    # Build from a copy so that the build leaves nothing behind in the repository.
+    shutil.copytree(REPO / "agent", build, symlinks=False)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", str(build)],
+        check=True,
+        timeout=540,
+        capture_output=True,
+    )
+    probe = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import importlib.util as u; print([m for m in ('fastapi', 'sqlalchemy', 'psycopg',"
+            " 'jinja2', 'starlette', 'alembic', 'networkx', 'app') if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=tmp_path,  # not the repository root, whose packages `python -c` would see
+    )
+    assert probe.stdout.strip() == "[]"
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(_config(backend))
+    agent = AgentProcess(tmp_path, command=[str(venv / "bin" / "mesh-agent")])
+    try:
+        agent.start("--config", str(cfg))
+        assert agent.call("reviews").text == "backend"
+    finally:
+        agent.stop_all()

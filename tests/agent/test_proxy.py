@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from mesh_agent.proxy import Limits
+from mesh_agent.proxy.mirror import MAX_MIRRORS_IN_FLIGHT
 
 from .support import (
     Agent,
@@ -242,6 +243,8 @@ def test_fixed_length_large_upload_keeps_content_length_and_is_not_retried() -> 
             assert [q.body_size for q in be.requests] == [300_000] + [5] * 4
             assert be.requests[0].headers["content-length"] == "300000"
 
+    run(scenario())
+
 
 def test_upstream_refusing_gives_503_and_timeout_gives_504() -> None:
     async def scenario() -> None:
@@ -292,7 +295,38 @@ def test_retries_on_5xx_then_success_but_not_for_post() -> None:
     run(scenario())
 
 
-def test_retry_goes_to_another_endpoint_and_outlier_gets_ejected() -> None:
+def test_retry_goes_to_another_endpoint() -> None:
+    async def scenario() -> None:
+        async def bad(req: BackendRequest) -> Response:
+            return Response(status=500, body=b"bad")
+
+        async def good(req: BackendRequest) -> Response:
+            return Response(body=b"good")
+
+        async with Backend(bad) as b1, Backend(good) as b2:
+            cfg = {
+                "services": [
+                    service(
+                        "reviews",
+                        {"v1": [b1.address, b2.address]},
+                        load_balancer="least_request",
+                        retries={"attempts": 1, "backoff_base_ms": 1, "backoff_max_ms": 1},
+                        outlier_detection={"enabled": False},
+                    )
+                ]
+            }
+            async with Agent(cfg) as agent, _client(agent) as c:
+                replies = [(await c.get("/", headers={"host": "reviews"})) for _ in range(30)]
+            # One retry is enough for every request: it never goes back to the endpoint that
+            # just failed (least_request picks at random, so a retry on b1 would show up).
+            assert [(r.status_code, r.text) for r in replies] == [(200, "good")] * 30
+            assert len(b2.requests) == 30
+            assert len(b1.requests) > 0  # some requests did start on b1 and were retried
+
+    run(scenario())
+
+
+def test_outlier_gets_ejected_after_five_consecutive_failures() -> None:
     async def scenario() -> None:
         async def bad(req: BackendRequest) -> Response:
             return Response(status=500, body=b"bad")
@@ -384,8 +418,13 @@ def test_fault_abort_and_unknown_destinations() -> None:
 def test_mirror_copies_requests_without_touching_the_caller() -> None:
     async def scenario() -> None:
         stuck = asyncio.Event()
+        all_mirrored = asyncio.Event()
+        arrived = [0]
 
         async def shadow(req: BackendRequest) -> Response:
+            arrived[0] += 1
+            if arrived[0] == 5:
+                all_mirrored.set()
             await stuck.wait()  # the mirror never answers: the caller must not notice
             return Response(status=500)
 
@@ -409,10 +448,8 @@ def test_mirror_copies_requests_without_touching_the_caller() -> None:
                 for i in range(5):
                     r = await c.post(f"/{i}", headers={"host": "reviews"}, content=b"payload")
                     assert r.status_code == 200 and r.text == "ok"
-                for _ in range(100):
-                    if len(mirror.requests) == 5:
-                        break
-                    await asyncio.sleep(0.02)
+                async with asyncio.timeout(10):
+                    await all_mirrored.wait()
             stuck.set()
             assert len(main.requests) == 5
             assert sorted(q.path for q in mirror.requests) == [f"/{i}" for i in range(5)]
@@ -483,6 +520,33 @@ def test_slow_client_gets_408() -> None:
             out = await reader.read()
             writer.close()
             assert out.startswith(b"HTTP/1.1 408 ") and b"request-timeout" in out
+
+    run(scenario())
+
+
+@pytest.mark.slow
+def test_stalled_request_body_and_idle_keep_alive_connections_are_closed() -> None:
+    async def scenario() -> None:
+        limits = Limits(body_timeout_s=0.3, idle_timeout_s=0.3, drain_timeout_s=0.5)
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}, limits=limits) as agent,
+        ):
+            # a body that stops after 3 of 10 bytes
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.outbound_port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: reviews\r\nContent-Length: 10\r\n\r\nabc")
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # closed by the agent, not left hanging
+            writer.close()
+            # an answered request, then silence on the kept-alive connection
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.outbound_port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in head
+                assert await reader.readexactly(2) == b"ok"
+                assert await reader.read() == b""  # the idle connection was closed
+            writer.close()
 
     run(scenario())
 
@@ -585,15 +649,18 @@ def test_config_swap_under_load_loses_no_request() -> None:
                             results.append((r.status_code, r.text))
 
                 workers = [asyncio.create_task(load()) for _ in range(8)]
-                versions = set()
-                for i in range(40):
-                    versions.add(agent.apply(cfg(100 - (i % 2) * 100, (i % 2) * 100)))
-                    agent.apply(cfg(50, 50 + i))
-                    await asyncio.sleep(0.02)
+                async with _client(agent) as probe:
+                    for i in range(40):
+                        # All traffic to one version: the next request sees the swap at once.
+                        only = "v2" if i % 2 else "v1"
+                        agent.apply(cfg(0 if i % 2 else 100, 100 if i % 2 else 0))
+                        r = await probe.get("/", headers={"host": "reviews"})
+                        assert (r.status_code, r.text) == (200, only)
+                        agent.apply(cfg(50, 50 + i))
+                        await asyncio.sleep(0.01)
                 stop.set()
                 await asyncio.gather(*workers)
-            assert len(versions) == 2
-            assert len(results) > 100
+            assert len(results) > 40
             assert {s for s, _ in results} == {200}
             assert {t for _, t in results} == {"v1", "v2"}
 
@@ -728,12 +795,13 @@ def test_garbage_input_never_takes_the_agent_down(caplog: pytest.LogCaptureFixtu
                 payload = mutate(rng.choice(seeds))
                 reader, writer = await asyncio.open_connection("127.0.0.1", agent.outbound_port)
                 writer.write(payload)
-                try:
-                    async with asyncio.timeout(0.3):
-                        await reader.read()
-                except TimeoutError:
-                    pass  # the agent waits for the rest of a request that looks incomplete
+                # The client is done sending: whatever the agent made of the bytes, it must
+                # answer (or not) and close, never hang on a request that cannot complete.
+                writer.write_eof()
+                async with asyncio.timeout(10):
+                    out = await reader.read()
                 writer.close()
+                assert out == b"" or out.startswith(b"HTTP/1.1 "), out[:80]
             async with _client(agent) as c:
                 r = await c.get("/", headers={"host": "reviews"})
                 assert r.status_code == 200
@@ -741,3 +809,224 @@ def test_garbage_input_never_takes_the_agent_down(caplog: pytest.LogCaptureFixtu
     run(scenario(), timeout=120)
     errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("mesh")]
     assert errors == []
+
+
+# -- what no test covered before ------------------------------------------------------------------
+
+
+def test_uri_longer_than_the_header_limit_gets_414() -> None:
+    async def scenario() -> None:
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            long_target = b"/" + b"a" * 70_000
+            out = await raw_exchange(
+                agent.outbound_port, b"GET " + long_target + b" HTTP/1.1\r\nHost: reviews\r\n\r\n"
+            )
+            assert out.startswith(b"HTTP/1.1 414 ") and b"x-mesh-error: uri-too-long" in out
+            assert be.requests == []
+
+    run(scenario())
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
+    async def scenario() -> None:
+        async def echo(req: BackendRequest) -> Response:
+            return Response(body=req.body)
+
+        async with (
+            Backend(echo) as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.outbound_port)
+            writer.write(
+                b"POST /up HTTP/1.1\r\nHost: reviews\r\nContent-Length: 5\r\n"
+                b"Expect: 100-continue\r\n\r\n"
+            )
+            async with asyncio.timeout(10):
+                interim = await reader.readuntil(b"\r\n\r\n")
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            assert be.requests == []  # nothing forwarded before the body came
+            writer.write(b"hello")
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = await reader.readexactly(5)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello"
+            assert "expect" not in be.requests[0].headers  # the agent answered it itself
+
+    run(scenario())
+
+
+def test_upgrade_requests_get_501_and_reach_no_upstream() -> None:
+    async def scenario() -> None:
+        async with (
+            Backend() as be,
+            Agent({"services": [service("reviews", {"v1": [be.address]})]}) as agent,
+        ):
+            out = await raw_exchange(
+                agent.outbound_port,
+                b"GET /ws HTTP/1.1\r\nHost: reviews\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            assert out.startswith(b"HTTP/1.1 501 ") and b"x-mesh-error: unsupported" in out
+            assert be.requests == []
+
+    run(scenario())
+
+
+def test_hop_by_hop_headers_are_stripped_from_responses() -> None:
+    """Including the headers each Connection header names, with several Connection headers."""
+
+    async def scenario() -> None:
+        async def hoppy(req: BackendRequest) -> Response:
+            return Response(
+                body=b"ok",
+                headers=[
+                    ("Connection", "x-first-hop"),
+                    ("Connection", "x-second-hop, keep-alive"),
+                    ("x-first-hop", "1"),
+                    ("x-second-hop", "2"),
+                    ("Keep-Alive", "timeout=5"),
+                    ("Proxy-Authenticate", "Basic"),
+                    ("Upgrade", "h2c"),
+                    ("Trailer", "x-checksum"),
+                    ("x-end-to-end", "kept"),
+                ],
+            )
+
+        async with Backend(hoppy) as be:
+            cfg = {"services": [service("reviews", {"v1": [be.address]})]}
+            async with Agent(cfg, app=be.address) as agent:
+                heads = [
+                    await raw_exchange(
+                        agent.outbound_port,
+                        b"GET / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n",
+                    )
+                ]
+                async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                    for _ in range(2):  # the general path, then the fast path
+                        r = await c.get("/")
+                        assert r.status_code == 200
+                heads += [
+                    await raw_exchange(
+                        agent.inbound_port,
+                        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                    )
+                ]
+                async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                    assert (await c.get("/")).status_code == 200
+                    r = await c.get("/")  # a pooled connection: the fast path
+                    assert r.headers["x-end-to-end"] == "kept"
+                    for name in ("x-first-hop", "x-second-hop", "keep-alive", "upgrade"):
+                        assert name not in r.headers, name
+            for raw in heads:
+                head = raw.partition(b"\r\n\r\n")[0].lower()
+                assert b"x-end-to-end: kept" in head
+                for name in (
+                    b"x-first-hop",
+                    b"x-second-hop",
+                    b"keep-alive",
+                    b"proxy-authenticate",
+                    b"upgrade",
+                    b"trailer",
+                ):
+                    assert name + b":" not in head, name
+                assert head.count(b"connection:") == 1  # the agent's own "close"
+
+    run(scenario())
+
+
+def test_per_try_timeout_moves_on_to_the_next_try() -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+        calls = [0]
+
+        async def first_hangs(req: BackendRequest) -> Response:
+            calls[0] += 1
+            if calls[0] == 1:
+                await release.wait()
+            return Response(body=b"try %d" % calls[0])
+
+        async with Backend(first_hangs) as b1, Backend(first_hangs) as b2:
+            retries = {"attempts": 1, "per_try_timeout_ms": 200}
+            # The route timeout is far above the per-try one: without a per-try timeout the
+            # caller would get a 504 from the route timeout instead of the second try's answer.
+            svc = service(
+                "reviews", {"v1": [b1.address, b2.address]}, timeout_ms=8000, retries=retries
+            )
+            async with Agent({"services": [svc]}) as agent, _client(agent) as c:
+                r = await c.get("/", headers={"host": "reviews"})
+            release.set()
+            assert (r.status_code, r.text) == (200, "try 2")
+            assert len(b1.requests) + len(b2.requests) == 2
+
+    run(scenario())
+
+
+def test_retry_budget_caps_retries_through_the_proxy() -> None:
+    """Budget 50 % of requests and no floor: of 10 failing requests, every second one may be
+    retried once (10 + 5 tries), however many attempts the policy allows."""
+
+    async def scenario() -> None:
+        async def failing(req: BackendRequest) -> Response:
+            return Response(status=503, body=b"no")
+
+        async with Backend(failing) as be:
+            svc = service(
+                "reviews",
+                {"v1": [be.address]},
+                retries={"attempts": 2, "backoff_base_ms": 1, "backoff_max_ms": 1},
+                retry_budget={"percent": 50, "min_retries_per_second": 0, "window_s": 600},
+                outlier_detection={"enabled": False},
+            )
+            async with Agent({"services": [svc]}) as agent, _client(agent) as c:
+                for _ in range(10):
+                    assert (await c.get("/", headers={"host": "reviews"})).status_code == 503
+            assert len(be.requests) == 15
+
+    run(scenario())
+
+
+def test_mirrors_in_flight_are_capped_and_the_rest_shed() -> None:
+    async def scenario() -> None:
+        stuck = asyncio.Event()
+        cap_reached = asyncio.Event()
+        final_mirrored = asyncio.Event()
+        cap = MAX_MIRRORS_IN_FLIGHT
+
+        async def shadow(req: BackendRequest) -> Response:
+            if req.path.startswith("/final"):
+                final_mirrored.set()
+                return Response()
+            if len(mirror.requests) == cap:
+                cap_reached.set()
+            await stuck.wait()
+            return Response()
+
+        async with Backend() as main, Backend(shadow) as mirror:
+            route = {
+                "name": "r",
+                "backends": [{"version": "v1"}],
+                "mirror": {"version": "v2", "percent": 100},
+            }
+            svc = service("reviews", {"v1": [main.address], "v2": [mirror.address]}, routes=[route])
+            async with Agent({"services": [svc]}) as agent, _client(agent) as c:
+                for i in range(cap + 6):
+                    r = await c.post(f"/{i}", headers={"host": "reviews"}, content=b"x")
+                    assert r.status_code == 200  # the caller never waits for its mirror
+                async with asyncio.timeout(10):
+                    await cap_reached.wait()
+                stuck.set()
+                # Once the stuck mirrors are done, mirroring resumes.
+                async with asyncio.timeout(10):
+                    n = 0
+                    while not final_mirrored.is_set():
+                        await c.post(f"/final{n}", headers={"host": "reviews"}, content=b"x")
+                        n += 1
+            mirrored = [q.path for q in mirror.requests if not q.path.startswith("/final")]
+            assert sorted(mirrored, key=lambda p: int(p[1:])) == [f"/{i}" for i in range(cap)]
+
+    run(scenario())

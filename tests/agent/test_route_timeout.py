@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-import mesh_agent.proxy as proxy_module
+import mesh_agent.proxy.inbound as inbound_module
 from mesh_agent.telemetry import Telemetry
 
 from .support import Agent, FakeTelemetry, RawApp, run, service
@@ -30,7 +30,7 @@ OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many requests took the inbound fast path (each makes one ``_FastExchange``)."""
     calls = [0]
-    original = proxy_module._FastExchange
+    original = inbound_module.FastExchange
 
     class Counting(original):  # type: ignore[valid-type,misc]
         __slots__ = ()
@@ -39,7 +39,7 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             calls[0] += 1
             super().__init__(*args)
 
-    monkeypatch.setattr(proxy_module, "_FastExchange", Counting)
+    monkeypatch.setattr(inbound_module, "FastExchange", Counting)
     return calls
 
 
@@ -221,5 +221,35 @@ def test_slow_but_steady_streams_within_the_timeout_are_not_cut(fast: list[int])
             # one connection from each listener, each kept and reused
             assert app.connections == 2 and len(app.heads) == 4
             assert [r["status"] for r in tel.records] == [200] * 4
+
+    run(scenario(), timeout=30)
+
+
+def test_timeout_zero_arms_no_timer_at_all(fast: list[int]) -> None:
+    """``timeout_ms: 0`` is "no timeout": no timer is armed for such a request (not a far-off
+    one), and a timer left by an earlier request with a timeout on the same pooled connection
+    is cancelled."""
+
+    async def scenario() -> None:
+        async with StallingApp() as app:
+            svc = service("reviews", {"v1": [app.address]}, timeout_ms=0, retries={"attempts": 0})
+            cfg = {"inbound": {"timeout_ms": 0}, "services": [svc]}
+            async with Agent(cfg, app=app.address) as agent:
+                async with httpx.AsyncClient(base_url=agent.inbound, timeout=BOUND_S) as c:
+                    for _ in range(2):  # the general path, then the fast path
+                        assert (await c.get("/")).status_code == 200
+                async with httpx.AsyncClient(base_url=agent.outbound, timeout=BOUND_S) as c:
+                    assert (await c.get("/", headers={"host": "reviews"})).status_code == 200
+                    # the same pooled connection, first with a timeout, then without one
+                    with_timeout = {**svc, "timeout_ms": 60_000}
+                    agent.apply({**cfg, "services": [with_timeout]})
+                    assert (await c.get("/", headers={"host": "reviews"})).status_code == 200
+                    agent.apply(cfg)
+                    assert (await c.get("/", headers={"host": "reviews"})).status_code == 200
+                assert agent.proxy is not None
+                pooled = agent.pooled_connections()
+                assert len(pooled) == 2  # one to the app (inbound), one to reviews (outbound)
+                assert [conn.timer for conn in pooled] == [None, None]
+            assert fast[0] == 1
 
     run(scenario(), timeout=30)

@@ -431,11 +431,12 @@ def test_prometheus_text_with_no_traffic_is_valid() -> None:
 def test_prometheus_label_values_are_escaped() -> None:
     nasty = 'we"ird\\name\nwith newline'
     t = make()
-    record(t, 200, source=nasty)
+    # (a source that is not a service name is counted as "other"; the version label is free)
+    record(t, 200, destination_version=nasty)
     text = t.prometheus_text().decode()
-    assert 'source="we\\"ird\\\\name\\nwith newline"' in text
+    assert 'destination_version="we\\"ird\\\\name\\nwith newline"' in text
     (sample,) = scrape(t)["mesh_requests"]
-    assert sample.labels["source"] == nasty  # round-trips through a real parser
+    assert sample.labels["destination_version"] == nasty  # round-trips through a real parser
 
 
 def test_repeated_exporter_warnings_are_rate_limited() -> None:
@@ -458,3 +459,64 @@ def test_repeated_exporter_warnings_are_rate_limited() -> None:
     again = record("collector down")
     assert log_filter.filter(again)
     assert "30 more like this suppressed" in again.getMessage()
+
+
+# -- the real Telemetry behind the real proxy ----------------------------------------------------
+
+
+def test_real_proxy_traffic_shows_on_metrics_and_in_exported_spans(
+    otlp_receiver: tuple[str, list[tuple[str, str, bytes]]],
+) -> None:
+    """Inbound traffic through the proxy with the production Telemetry (not the fake): the
+    edge counts on the admin /metrics, one exported server span per request, and a valid
+    traceparent sent on to the app whether the caller sent a valid one, none, or garbage."""
+    import httpx
+
+    from mesh_agent.admin import AdminServer
+
+    from .support import Agent, Backend, run
+
+    url, bodies = otlp_receiver
+    tel = make(ratio=1.0, endpoint=url, batch_delay_ms=50)
+    callers = [
+        {"x-mesh-source": "frontend", "traceparent": SAMPLED.decode()},
+        {"x-mesh-source": "frontend"},
+        {"x-mesh-source": "frontend", "traceparent": "00-zzzz-not-a-traceparent-01"},
+        {"x-mesh-source": "checkout", "traceparent": "00-" + "0" * 32 + "-" + "1" * 16 + "-01"},
+    ]
+
+    async def scenario() -> str:
+        async with Backend() as app, Agent({}, app=app.address, telemetry=tel) as agent:
+            admin = AdminServer(config=agent.store, metrics=tel, bootstrap={})
+            _, admin_port = await admin.start("127.0.0.1", 0)
+            try:
+                async with httpx.AsyncClient(base_url=agent.inbound) as c:
+                    for headers in callers:
+                        assert (await c.get("/", headers=headers)).status_code == 200
+                async with httpx.AsyncClient() as c:
+                    metrics = (await c.get(f"http://127.0.0.1:{admin_port}/metrics")).text
+            finally:
+                await admin.close()
+            sent = [parse_traceparent(q.headers["traceparent"].encode()) for q in app.requests]
+            assert all(ctx is not None for ctx in sent), sent
+            contexts = [ctx for ctx in sent if ctx is not None]
+            assert contexts[0].trace_id.decode() == TRACE  # the caller's trace continues
+            # none, garbage, or an all-zero trace id: the agent started a trace of its own
+            fresh = {ctx.trace_id for ctx in contexts[1:]}
+            assert len(fresh) == 3 and TRACE.encode() not in fresh and b"0" * 32 not in fresh
+            return metrics
+
+    metrics = run(scenario())
+    tel.shutdown()
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    samples = {
+        (s.labels["source"], s.labels["status_class"]): s.value
+        for s in families["mesh_requests"].samples
+        if s.name == "mesh_requests_total"
+    }
+    assert samples == {("frontend", "2xx"): 3.0, ("checkout", "2xx"): 1.0}
+    spans = [s for _, s in exported_spans(bodies)]
+    assert len(spans) == 4
+    assert all(s.kind == PbSpan.SPAN_KIND_SERVER for s in spans)
+    by_trace = {s.trace_id.hex(): s for s in spans}
+    assert by_trace[TRACE].parent_span_id.hex() == PARENT

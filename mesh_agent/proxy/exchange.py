@@ -1,0 +1,234 @@
+"""One request forwarded and its response relayed: what the inbound and outbound sides share.
+
+``exchange`` sends a request on a pooled (or new) connection and returns at the response head;
+``relay`` sends that response on to the caller. Small request bodies (up to
+``RETRY_BUFFER_BYTES``) are buffered so that a retry or a mirror can resend them; larger ones are
+streamed with back-pressure (``pump_body``) and never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+from mesh_agent.balancer import Endpoint
+from mesh_agent.proxy.contracts import TelemetryLike
+from mesh_agent.proxy.downstream import Downstream
+from mesh_agent.proxy.errors import ClientGone, Failure
+from mesh_agent.proxy.flow import PEER
+from mesh_agent.proxy.http1 import Request, response_head
+from mesh_agent.proxy.upstream import Upstream, pool_of
+
+__all__ = ["RETRY_BUFFER_BYTES", "Forwarder"]
+
+RETRY_BUFFER_BYTES = 64 * 1024
+
+
+class Forwarder:
+    """The exchange machinery of one agent, shared by its inbound and outbound sides (and
+    mirroring): it owns the tasks that outlive a request (body pumps, mirrors)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, telemetry: TelemetryLike, service: str
+    ) -> None:
+        self.loop = loop
+        self.telemetry = telemetry
+        self.source_header = b"x-mesh-source: " + service.encode() + b"\r\n"
+        self.background: set[asyncio.Task[None]] = set()
+
+    def run_in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def cancel_background(self) -> None:
+        for t in list(self.background):
+            t.cancel()
+
+    async def exchange(
+        self,
+        ep: Endpoint,
+        req: Request,
+        head: bytes,
+        body: bytes | None,
+        deadline: float,
+        max_conns: int,
+        max_pending: int,
+        connect_timeout: float,
+        *,
+        body_deadline: float | None = None,
+        fresh: bool = False,
+    ) -> Upstream:
+        """Send one request to ``ep`` and return once its response head has arrived.
+
+        The head must arrive by ``deadline``, the rest of the response by ``body_deadline``
+        (default: ``deadline``), else the connection is aborted and waiting on it fails with
+        ``Failure("timeout")``. ``body`` None means stream ``req.body`` (never retried). A
+        reused keep-alive connection that the upstream closed just as we sent on it is retried
+        once on a fresh connection: the upstream never saw that request. ``fresh``: that
+        retry, after the fast path found its pooled connection closed.
+        """
+        loop = self.loop
+        if body_deadline is None:
+            body_deadline = deadline
+        for _ in range(2):
+            up, reused = await pool_of(ep, loop).acquire(
+                max_conns, max_pending, connect_timeout, deadline, fresh=fresh
+            )
+            waiter = up.begin(req.method == b"HEAD", deadline, body_deadline)
+            transport = up.transport
+            assert transport is not None
+            pump: asyncio.Task[None] | None = None
+            if body is not None:
+                transport.write(head + body if len(body) < 16384 else head)
+                if len(body) >= 16384:
+                    transport.write(body)
+            else:
+                transport.write(head)
+                pump = loop.create_task(self.pump_body(req, up))
+            try:
+                await waiter
+            except Failure as f:
+                if pump is not None:
+                    pump.cancel()
+                up.abort()
+                if f.kind == "reset" and reused and not up.got_bytes and body is not None:
+                    continue
+                raise
+            if pump is not None and not pump.done():
+                # The upstream answered before taking the whole body: let the pump finish in
+                # the background; if it cannot, the connection will not be reused.
+                self.background.add(pump)
+                pump.add_done_callback(self.background.discard)
+            return up
+        raise Failure("reset")
+
+    async def pump_body(self, req: Request, up: Upstream) -> None:
+        body = req.body
+        assert body is not None
+        transport = up.transport
+        assert transport is not None
+        chunked = req.content_length is None
+        up.pumping = True
+        try:
+            while True:
+                chunk = await body.next_chunk()
+                if chunk is None:
+                    break
+                if up.closed:
+                    return
+                if chunked:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    transport.write(chunk)
+                if up.write_paused:
+                    await up.drain()
+            if chunked and not up.closed:
+                transport.write(b"0\r\n\r\n")
+            up.pumping = False
+        except (ClientGone, Failure):
+            up.abort()
+        except asyncio.CancelledError:
+            up.abort()
+            raise
+
+    def build_head(
+        self,
+        req: Request,
+        path: bytes,
+        host: bytes | None,
+        body: bytes | None,
+        traceparent: bytes | None,
+        request_id: bytes,
+        outbound: bool,
+    ) -> bytes:
+        parts = [req.method, b" ", path, b" HTTP/1.1\r\n"]
+        if host is not None:
+            parts += (b"host: ", host, b"\r\n")
+        for name, value in req.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"x-request-id: ", request_id, b"\r\n")
+        if traceparent is not None:
+            parts += (b"traceparent: ", traceparent, b"\r\n")
+        if outbound:
+            parts.append(self.source_header)
+        if body is not None:
+            if body or req.body is not None or req.method in (b"POST", b"PUT", b"PATCH"):
+                parts.append(b"content-length: %d\r\n" % len(body))
+        elif req.content_length is not None:
+            parts.append(b"content-length: %d\r\n" % req.content_length)
+        else:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        return b"".join(parts)
+
+    @staticmethod
+    def finish_head(head: bytes, conn: Downstream, req: Request) -> bytes:
+        peer = conn.peer
+        xff = peer if req.xff is None else req.xff + b", " + peer
+        return head + b"x-forwarded-for: " + xff + b"\r\n\r\n"
+
+    @staticmethod
+    async def read_body(req: Request) -> bytes | None:
+        """The request body if small enough to keep for retries and mirroring, else None."""
+        b = req.body
+        if b is None:
+            return b""
+        if req.content_length is not None and req.content_length > RETRY_BUFFER_BYTES:
+            return None
+        return await b.read_upto(RETRY_BUFFER_BYTES)
+
+    async def relay(self, conn: Downstream, req: Request, up: Upstream) -> bool:
+        """Send the chosen response to the caller. Returns whether the caller connection may be
+        kept open. The connection's timer enforces the route deadline on the body meanwhile: if
+        it passes, ``up.failure`` is "timeout" when this returns."""
+        parts, keep, chunked, no_body = response_head(req, up.status, up, conn.closed)
+        if up.body_parts and not no_body:
+            buffered = b"".join(up.body_parts)
+            up.body_parts = []
+            if chunked:
+                parts.append(b"%x\r\n%b\r\n" % (len(buffered), buffered))
+            else:
+                parts.append(buffered)
+        conn.responded = True
+        conn.write(b"".join(parts))
+        if not up.complete and not no_body:
+            up.sink = conn
+            up.sink_chunked = chunked
+            conn.relaying = up
+            if conn.write_paused:
+                up.flow.hold(PEER)
+            try:
+                await up.wait_done()
+            except Failure:
+                # The upstream broke off mid-body or the route deadline passed: all we can do
+                # is break off too, so that the caller sees a truncated response rather than a
+                # silently short one.
+                conn.relaying = None
+                conn.close()
+                return False
+            conn.relaying = None
+            up.flow.release(PEER)
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+        if conn.write_paused:
+            await conn.drain()
+        return keep
+
+    def release(self, up: Upstream) -> None:
+        if up.complete and not up.closed:
+            up.pool.release(up, self.loop.time())
+        else:
+            up.abort()
+
+    def record(
+        self, req: Request, source: str, destination: str, version: str, status: int
+    ) -> None:
+        """Metrics for a request the agent answered itself."""
+        self.telemetry.record(
+            source=source,
+            destination=destination,
+            destination_version=version,
+            status=status,
+            duration_s=self.loop.time() - req.started,
+        )

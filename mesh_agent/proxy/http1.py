@@ -1,0 +1,302 @@
+"""HTTP/1.1 as the proxy speaks it, without sockets: which headers are hop-by-hop, how a request
+target is split and normalised, what head a relayed response gets. Everything here is a pure
+function or plain data, testable on bytes alone."""
+
+from __future__ import annotations
+
+import random
+import re
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from mesh_agent.proxy.downstream import Body
+
+__all__ = [
+    "HOP_BY_HOP",
+    "MAX_HEADER_BYTES",
+    "PLAIN_CONNECTION",
+    "REQUEST_SPECIAL",
+    "RESPONSE_DROP",
+    "Request",
+    "ResponseHead",
+    "connection_tokens",
+    "header_triples",
+    "new_request_id",
+    "normalize_path",
+    "normalize_target",
+    "response_head",
+    "split_target",
+    "status_line",
+]
+
+MAX_HEADER_BYTES = 64 * 1024
+
+# RFC 9110 section 7.6.1 (plus the de-facto Proxy-Connection and Keep-Alive): never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers the agent rewrites itself; codes tell on_header where to put them.
+H_HOST, H_XFF, H_RID, H_TP, H_SRC, H_EXPECT, H_CONN, H_DROP = range(8)
+REQUEST_SPECIAL: dict[bytes, int] = {
+    b"host": H_HOST,
+    b"x-forwarded-for": H_XFF,
+    b"x-request-id": H_RID,
+    b"traceparent": H_TP,
+    b"x-mesh-source": H_SRC,
+    b"expect": H_EXPECT,
+    b"connection": H_CONN,
+    b"content-length": H_DROP,  # framing is re-decided for the upstream side
+}
+for _name in HOP_BY_HOP - {b"connection"}:
+    REQUEST_SPECIAL[_name] = H_DROP
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+_getrandbits = random.getrandbits
+
+_STATUS_LINE: dict[int, bytes] = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus
+}
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINE.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d Unknown\r\n" % status
+    return line
+
+
+_UNRESERVED = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+)  # RFC 3986 section 2.3: decoding these never changes what a path means
+_HEXDIGITS = frozenset(b"0123456789abcdefABCDEF")
+_SLASHES = (0x2F, 0x5C)  # "/" and "\\"
+_MULTI_SLASH = re.compile(rb"//+")
+
+
+def normalize_path(path: bytes, escaped_slashes: str = "reject") -> bytes | None:
+    """An origin-form path (no query) normalised as Envoy does before route matching, so that
+    ``/public/../admin``, ``/public/%2e%2e/admin`` and ``//admin`` cannot slip past a prefix
+    route: percent-encoded unreserved characters decoded (other escapes kept, upper-cased),
+    repeated slashes merged, ``.`` and ``..`` segments removed (RFC 3986 section 5.2.4).
+    Encoded slashes (``%2F``, ``%5C``) follow ``escaped_slashes``: "reject", "keep" or
+    "unescape". None: the path is to be refused (a bad escape, or a rejected encoded slash)."""
+    if b"%" in path:
+        out = bytearray()
+        i = 0
+        n = len(path)
+        while i < n:
+            c = path[i]
+            if c != 0x25:
+                out.append(c)
+                i += 1
+                continue
+            hi = path[i + 1 : i + 3]
+            if len(hi) != 2 or hi[0] not in _HEXDIGITS or hi[1] not in _HEXDIGITS:
+                return None
+            value = int(hi, 16)
+            if value in _UNRESERVED:
+                out.append(value)
+            elif value in _SLASHES and escaped_slashes != "keep":
+                if escaped_slashes == "reject":
+                    return None
+                out.append(value)
+            else:
+                out += b"%" + hi.upper()
+            i += 3
+        path = bytes(out)
+    if b"//" in path:
+        path = _MULTI_SLASH.sub(b"/", path)
+    if b"/." in path:
+        segments = path.split(b"/")
+        kept: list[bytes] = []
+        for seg in segments[1:]:
+            if seg == b"..":
+                if kept:
+                    kept.pop()
+            elif seg != b".":
+                kept.append(seg)
+        if segments[-1] in (b".", b".."):
+            kept.append(b"")  # "/a/b/.." is "/a/": the result names a directory
+        path = b"/" + b"/".join(kept)
+    return path
+
+
+def normalize_target(url: bytes, escaped_slashes: str) -> bytes | None:
+    """The request target with its path normalised (origin or absolute form) and any
+    ``#fragment`` dropped (a client must not send one; RFC 9112 section 3.2). None: refuse."""
+    hash_at = url.find(b"#")
+    if hash_at >= 0:
+        url = url[:hash_at]
+    if url[:1] == b"/":
+        start = 0
+    elif url[:7].lower() == b"http://":
+        start = url.find(b"/", 7)
+        if start < 0:
+            return url
+    else:
+        return url  # "*", authority form: nothing to normalise
+    q = url.find(b"?", start)
+    path = url[start:] if q < 0 else url[start:q]
+    if b"%" not in path and b"//" not in path and b"/." not in path:
+        return url  # the common case costs three scans and no copy
+    normal = normalize_path(path, escaped_slashes)
+    if normal is None:
+        return None
+    return url[:start] + normal + (b"" if q < 0 else url[q:])
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+def split_target(url: bytes, host: bytes | None) -> tuple[bytes | None, bytes]:
+    """(authority, origin-form path) from a request target in origin or absolute form."""
+    if url[:1] == b"/":
+        return host, url
+    if url[:7].lower() == b"http://":
+        rest = url[7:]
+        end = len(rest)
+        for sep in (b"/", b"?"):
+            i = rest.find(sep)
+            if 0 <= i < end:
+                end = i
+        authority = rest[:end]
+        at = authority.rfind(b"@")
+        if at >= 0:
+            authority = authority[at + 1 :]
+        path = rest[end:]
+        if not path:
+            path = b"/"
+        elif path[:1] == b"?":
+            path = b"/" + path
+        return authority or None, path
+    if url == b"*":
+        return host, url
+    return None, b""
+
+
+def new_request_id() -> bytes:
+    """A random (version 4 layout) UUID; not for secrets, so the fast PRNG will do."""
+    h = b"%032x" % _getrandbits(128)
+    return b"%b-%b-4%b-%b-%b" % (h[:8], h[8:12], h[13:16], h[16:20], h[20:])
+
+
+class Request:
+    __slots__ = (
+        "body",
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "extra_hop",
+        "headers",
+        "host",
+        "http11",
+        "keep_alive",
+        "method",
+        "plan",
+        "request_id",
+        "source",
+        "started",
+        "traceparent",
+        "url",
+        "xff",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.url = b""
+        self.method = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.xff: bytes | None = None
+        self.request_id: bytes | None = None
+        self.traceparent: bytes | None = None
+        self.source: bytes | None = None
+        self.expect_continue = False
+        self.extra_hop: set[bytes] | None = None
+        self.keep_alive = True
+        self.http11 = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.body: Body | None = None
+        # Routing already decided by a fast path that then could not take the request (no idle
+        # connection): the general path reuses it rather than drawing a second endpoint.
+        self.plan: Any = None
+
+    def lookup(self) -> dict[bytes, bytes]:
+        """Lower-cased header map for header-based routing (built only when a route needs it)."""
+        d = {n.lower(): v for n, v in self.headers}
+        if self.host is not None:
+            d[b"host"] = self.host
+        return d
+
+
+class ResponseHead(Protocol):
+    """What :func:`response_head` reads of an upstream response."""
+
+    headers: list[tuple[bytes, bytes]]
+    content_length: int | None
+    complete: bool
+    body_parts: list[bytes]
+
+
+def response_head(
+    req: Request, status: int, response: ResponseHead, caller_closed: bool
+) -> tuple[list[bytes], bool, bool, bool]:
+    """The head to send the caller for an upstream response: (parts, keep-alive, chunked,
+    no body). Hop-by-hop headers go, framing is re-decided for the caller's side."""
+    parts = [status_line(status)]
+    extra: set[bytes] | None = None
+    for name, value in response.headers:
+        n = name.lower()
+        if n in RESPONSE_DROP:
+            if n == b"connection" and value.lower() not in PLAIN_CONNECTION:
+                tokens = connection_tokens(value) - {b"close", b"keep-alive"}
+                if tokens:
+                    # every Connection header counts, not only the last one
+                    extra = tokens if extra is None else extra | tokens
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if extra:
+        parts = [parts[0], *header_triples(response.headers, extra | RESPONSE_DROP)]
+    no_body = req.method == b"HEAD" or status in (204, 304)
+    keep = req.keep_alive and not caller_closed
+    chunked = False
+    if no_body:
+        if response.content_length is not None and status != 204:
+            parts.append(b"content-length: %d\r\n" % response.content_length)
+    elif response.content_length is not None:
+        parts.append(b"content-length: %d\r\n" % response.content_length)
+    elif response.complete:
+        parts.append(b"content-length: %d\r\n" % sum(len(p) for p in response.body_parts))
+    elif req.http11:
+        chunked = True
+        parts.append(b"transfer-encoding: chunked\r\n")
+    else:
+        keep = False  # HTTP/1.0 caller, unknown length: the end of the body is the close
+    if not keep:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return parts, keep, chunked, no_body
+
+
+def header_triples(
+    headers: list[tuple[bytes, bytes]], drop: set[bytes] | frozenset[bytes]
+) -> list[bytes]:
+    out: list[bytes] = []
+    for name, value in headers:
+        if name.lower() not in drop:
+            out += (name, b": ", value, b"\r\n")
+    return out
