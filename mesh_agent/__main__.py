@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -330,8 +330,9 @@ async def _run(args: argparse.Namespace) -> int:
         return FileSource(config_file, store)
 
     def control_plane_source(store: ConfigStore) -> ConfigSource:
-        # Built now, registered at start: the inbound address is known once it is bound.
-        return _LateControlPlaneSource(args, store, listeners)
+        # Built now, registered at start: the inbound address is known once it is bound
+        # (the Agent fills its listeners before it starts the source).
+        return _LateControlPlaneSource(args, store, lambda: agent.listeners)
 
     agent = Agent(
         service=args.service,
@@ -390,13 +391,17 @@ class _LateControlPlaneSource:
     is the inbound listener bound and its address (port 0 resolved) known."""
 
     def __init__(
-        self, args: argparse.Namespace, store: ControlPlaneStore, listeners: dict[str, str]
+        self,
+        args: argparse.Namespace,
+        store: ControlPlaneStore,
+        listeners: Callable[[], dict[str, str]],
     ) -> None:
         self.args, self.store, self.listeners = args, store, listeners
         self.inner: ControlPlaneSourceT | None = None
 
     def start(self) -> None:
-        self.inner = _control_plane_source(self.args, self.store, self.listeners.get("inbound"))
+        inbound = self.listeners().get("inbound")
+        self.inner = _control_plane_source(self.args, self.store, inbound)
         self.inner.start()
 
     async def stop(self) -> None:

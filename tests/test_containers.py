@@ -49,6 +49,7 @@ AGENT_IMPORTS = {
     "opentelemetry.trace": "opentelemetry-api",
     "opentelemetry.sdk": "opentelemetry-sdk",
     "opentelemetry.exporter.otlp.proto.http": "opentelemetry-exporter-otlp-proto-http",
+    "re2": "google-re2",
 }
 CONTROL_PLANE_ONLY = {
     "fastapi", "starlette", "pydantic-settings", "sqlalchemy", "alembic", "psycopg", "jinja2",
@@ -379,6 +380,7 @@ def test_the_seed_file_is_the_demo_catalog(
         seed_demo_catalog(session)
         session.commit()
     monkeypatch.setattr(operator_cli, "make_client", lambda base_url: client)
+    monkeypatch.setenv("MESH_SERVER", "http://testserver")  # the name the test app answers to
     runner = CliRunner()
     exported = tmp_path / "shop.yaml"
     assert runner.invoke(cli, ["export", "-n", "shop", "-o", str(exported)]).exit_code == 0

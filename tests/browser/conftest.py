@@ -75,9 +75,14 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float 
     raise RuntimeError(f"meshctl serve did not answer on {url} within {timeout} s")
 
 
+# Where the session's live server keeps its data (its join token, for tests that act as agents).
+LIVE_SERVER_DATA: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data_dir = tmp_path_factory.mktemp("live-server")
+    LIVE_SERVER_DATA["data_dir"] = data_dir
     port = free_port()
     env = {
         **os.environ,

@@ -8,6 +8,7 @@ import urllib.request
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.browser.conftest import LIVE_SERVER_DATA
 from tests.telemetry.support import protobuf_body, sdk_spans
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
@@ -15,10 +16,11 @@ pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 
 def test_a_trace_opens_as_a_waterfall(page: Page, live_server: str) -> None:
     spans = sdk_spans("storefront", "shop", "v7", error=True)
+    token = (LIVE_SERVER_DATA["data_dir"] / "join-token").read_text().strip()
     request = urllib.request.Request(
         live_server + "/v1/traces",
         data=protobuf_body(spans),
-        headers={"Content-Type": "application/x-protobuf"},
+        headers={"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {token}"},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=10) as response:

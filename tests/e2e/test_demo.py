@@ -88,16 +88,51 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
         time.sleep(0.2)
 
 
+EXPECTED_EDGES = {
+    ("loadgen", "frontend"),
+    ("frontend", "catalog"),
+    ("frontend", "recommendations"),
+    ("frontend", "checkout"),
+    ("recommendations", "catalog"),
+    ("checkout", "inventory"),
+    ("checkout", "payments"),
+    ("checkout", "shipping"),
+}
+
+
+def edges(url: str) -> set[tuple[str, str]]:
+    graph = httpx.get(url + "/api/v1/topology", params={"window": "5m", "namespace": "shop"}).json()
+    service = {n["id"]: n["service"] for n in graph["nodes"]}
+    return {(service[e["source"]], service[e["target"]]) for e in graph["edges"]}
+
+
+def v2_share(url: str) -> float:
+    metrics = httpx.get(
+        url + "/api/v1/services/catalog/metrics",
+        params={"namespace": "shop", "window": "1m", "by": "version"},
+    ).json()
+    requests = {v["version"]: v["totals"]["requests"] for v in metrics["versions"]}
+    total = sum(requests.values())
+    return requests.get("v2", 0) / total if total else 0.0
+
+
 def test_the_demo_comes_up_converges_and_stops_cleanly(demo: Demo) -> None:
     demo.start()
     wait_until(demo.synced, 120, f"{AGENTS} agents SYNCED")
+    # The agents report to the console: the expected calls show up as edges, with traces.
+    wait_until(lambda: edges(demo.url) >= EXPECTED_EDGES, 90, "the demo's edges")
+    traces = httpx.get(demo.url + "/api/v1/traces", params={"service": "frontend"}).json()
+    assert traces["items"], "no trace of the frontend"
+    assert v2_share(demo.url) < 0.4  # the seeded canary: 10 % to v2
+
     canary = subprocess.run(
-        [*MESHCTL, "canary", "catalog", "-n", "shop", "--weights", "v1=50,v2=50",
+        [*MESHCTL, "canary", "catalog", "-n", "shop", "--weights", "v1=10,v2=90",
          "--reason", "more canary", "--server", demo.url],
         env=demo.env, capture_output=True, text=True, timeout=90,
     )  # fmt: skip
     assert canary.returncode == 0, canary.stderr
     assert f"{AGENTS}/{AGENTS} agents synced in" in canary.stdout
+    wait_until(lambda: v2_share(demo.url) > 0.5, 120, "v2's share of catalog traffic rising")
 
     out = demo.stop()
     assert "console  " + demo.url in out
