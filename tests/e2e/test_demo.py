@@ -19,7 +19,8 @@ import pytest
 from app.demo.topology import SERVICES
 from tests.e2e.mesh import MESHCTL, free_port, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# Real processes on a loaded 2-core machine: the default 120 s per test is too tight.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
 AGENTS = sum(len(s.versions) for s in SERVICES) + 1  # + the load generator's
 

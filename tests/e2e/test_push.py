@@ -13,7 +13,8 @@ import pytest
 
 from tests.e2e.mesh import Mesh, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# Real processes on a loaded 2-core machine: the default 120 s per test is too tight.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
 # 400 requests at a 25 % share: one standard deviation is 2.2 points; ±8 points is 3.7 of them,
 # so a correct split fails this check about once in five thousand runs.
