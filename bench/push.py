@@ -281,9 +281,6 @@ def run_worker(argv: list[str]) -> int:
     parser.add_argument("--url", default="")
     parser.add_argument("--token", default="")
     parser.add_argument("--dir", default="")
-    parser.add_argument(
-        "--peer-changes", type=int, default=10, help="timed changes per size for the file peer"
-    )
     parser.add_argument("--inbound", action="store_true")
     parser.add_argument("--ready-timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
@@ -988,13 +985,13 @@ def main() -> int:
     parser.add_argument("--agents", default="100,1000", help="fleet sizes, comma-separated")
     parser.add_argument("--changes", type=int, default=20, help="timed changes per fleet size")
     parser.add_argument(
-        "--peer-changes", type=int, default=10, help="timed changes per size for the file peer"
+        "--peer-changes", type=int, default=6, help="timed changes per size for the file peer"
     )
     parser.add_argument("--inbound", action="store_true", help="agents advertise an address")
     parser.add_argument("--no-storm", action="store_true", help="skip the reconnect storm")
     parser.add_argument("--storm-timeout", type=float, default=120.0)
     parser.add_argument("--ready-timeout", type=float, default=180.0)
-    parser.add_argument("--timeout", type=float, default=1500.0, help="whole run, seconds")
+    parser.add_argument("--timeout", type=float, default=2400.0, help="whole run, seconds")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--profile",

@@ -4,9 +4,11 @@ they got)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
@@ -69,6 +71,25 @@ async def require_agent_token(request: Request, hub: HubDep) -> None:
 
 AgentAuth = Depends(require_agent_token)
 
+# At most this many registrations hold a worker thread and a database connection at a time.
+# After a control-plane restart every agent registers again at once; unqueued, those requests
+# took the whole thread pool and connection pool (SQLite has one writer anyway, so they mostly
+# waited for its lock) and a person's console page waited ~10 s behind them (bench/push.py).
+# Queued here they wait as coroutines on the loop instead.
+REGISTRATIONS_AT_ONCE = 4
+
+
+async def _registration_slot(request: Request) -> AsyncIterator[None]:
+    state = request.app.state
+    gate: asyncio.Semaphore | None = getattr(state, "registration_gate", None)
+    if gate is None:
+        gate = state.registration_gate = asyncio.Semaphore(REGISTRATIONS_AT_ONCE)
+    async with gate:
+        yield
+
+
+RegistrationSlot = Depends(_registration_slot, scope="function")
+
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -105,7 +126,7 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
 @router.post(
     "/agents",
     response_model=AgentRegistered,
-    dependencies=[AgentAuth],
+    dependencies=[AgentAuth, RegistrationSlot],
     summary="Register an agent (called by mesh-agent)",
     description="Creates the service, version and instance in the catalog if they are new "
     "(audited with the agent as actor). Idempotent for the same agent_id.",
