@@ -51,6 +51,10 @@ log = logging.getLogger("mesh.push")
 _TICK_S = 0.25
 _FLUSH_EVERY_S = 1.0
 _KEEP_DONE_S = 300.0
+# After a (re)start no endpoint is withdrawn for this long, whatever the grace setting: the
+# agents reconnect within their backoff (5 s cap) and must not find their callers' config
+# emptied of the peers that simply had not polled the new process yet.
+RESTART_GRACE_S = 30.0
 
 
 @dataclass
@@ -291,6 +295,8 @@ class PushHub:
             progress.dirty = True
 
     def _check_agents(self, now: float) -> None:
+        if now - self.started_at < RESTART_GRACE_S:
+            return
         gone = self.status.expire(
             self.settings.agent_disconnect_s, self.settings.agent_grace_s, self.started_at
         )
