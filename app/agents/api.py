@@ -27,6 +27,9 @@ from mesh_agent.protocol import AgentRegistration, DiscoveryRequest
 
 log = logging.getLogger("mesh.agents")
 
+# What agents call, with the join token (no console sign-in): registration and discovery.
+agent_router = APIRouter(prefix="/api/v1", tags=["agents"])
+# What people and meshctl read about agents and changes (signed in, like the rest of the API).
 router = APIRouter(prefix="/api/v1", tags=["agents"])
 
 
@@ -123,7 +126,7 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-@router.post(
+@agent_router.post(
     "/agents",
     response_model=AgentRegistered,
     dependencies=[AgentAuth, RegistrationSlot],
@@ -144,7 +147,7 @@ def register_agent(
     return AgentRegistered(agent_id=state.agent_id, poll_hold_s=hub.settings.poll_hold_s)
 
 
-@router.delete(
+@agent_router.delete(
     "/agents/{agent_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[AgentAuth],
@@ -157,7 +160,7 @@ def deregister_agent(session: SessionDep, hub: HubDep, agent_id: str) -> Respons
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post(
+@agent_router.post(
     "/agents/{agent_id}/discovery",
     dependencies=[AgentAuth],
     summary="Discovery long poll (called by mesh-agent)",

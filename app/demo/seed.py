@@ -11,12 +11,13 @@ from app.catalog import service as catalog
 from app.catalog.models import Service
 from app.catalog.schemas import Link, ServiceCreate, VersionCreate
 from app.demo.topology import DEMO_NAMESPACE, INITIAL_WEIGHTS, LOADGEN, SERVICES
+from app.identity.principal import Principal
 from app.policies import service as policies
 from app.policies.schemas import WeightsWrite
 
 __all__ = ["DEMO_ACTOR", "seed_demo_catalog"]
 
-DEMO_ACTOR = "demo@meshctl"
+DEMO_ACTOR = Principal.system("demo")
 REASON = "meshctl demo"
 
 
