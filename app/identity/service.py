@@ -496,6 +496,15 @@ def revoke_session(session: Session, actor: Principal, session_id: int) -> None:
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         session.flush()
+        audit.record(
+            session,
+            actor,
+            action="session.end",
+            resource_kind=USER,
+            resource_name=get_user(session, row.user_id).email,
+            before=None,
+            after={"session": row.id, "client_address": row.client_address},
+        )
 
 
 def list_sessions(
@@ -522,7 +531,7 @@ def list_sessions(
             expires_at=row.expires_at,
             current=row.id == current,
         )
-        for row, email in session.execute(query).tuples()
+        for row, email in session.execute(query)
     ]
 
 
@@ -671,7 +680,7 @@ def list_tokens(session: Session, *, owner_id: int | None = None) -> list[TokenR
     )
     if owner_id is not None:
         query = query.where(ApiToken.owner_id == owner_id)
-    return [token_read(row, email) for row, email in session.execute(query).tuples()]
+    return [token_read(row, email) for row, email in session.execute(query)]
 
 
 def _due(row: ApiToken, now: datetime) -> bool:
