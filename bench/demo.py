@@ -38,6 +38,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from app.demo.topology import SERVICES
+
 ROOT = Path(__file__).resolve().parents[1]
 MESHCTL = [sys.executable, "-c", "from app.cli import main; main()"]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -182,6 +184,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
+    agents = sum(len(s.versions) * s.replicas for s in SERVICES) + 1  # + the load generator's
     tmp = Path(tempfile.mkdtemp(prefix="bench-demo-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -195,9 +198,7 @@ def main() -> None:
             if demo.poll() is not None:
                 sys.exit(f"demo exited with {demo.returncode}: see {tmp / 'demo.out'}")
             try:
-                counts = get_json(url + "/api/v1/agents")["counts"]
-                agents = get_json(url + "/api/v1/agents")["total"]
-                if agents and counts.get("SYNCED") == agents:
+                if get_json(url + "/api/v1/agents")["counts"].get("SYNCED") == agents:
                     break
             except OSError:
                 pass
