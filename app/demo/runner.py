@@ -57,20 +57,34 @@ class PlannedInstance:
     inbound: int
     outbound: int
     admin: int
+    replica: int = 1
 
     @property
     def key(self) -> str:
-        return f"{self.service}-{self.version}"
+        suffix = f"-{self.replica}" if self.replica > 1 else ""
+        return f"{self.service}-{self.version}{suffix}"
 
 
 def plan_instances() -> list[PlannedInstance]:
     planned = [
-        PlannedInstance(s.name, v, _free_port(), _free_port(), _free_port(), _free_port())
+        PlannedInstance(s.name, v, _free_port(), _free_port(), _free_port(), _free_port(), n)
         for s in SERVICES
         for v in s.versions
+        for n in range(1, s.replicas + 1)
     ]
     planned.append(PlannedInstance(LOADGEN.name, "v1", 0, 0, _free_port(), _free_port()))
     return planned
+
+
+def _apps_command(rps: float, instances: list[PlannedInstance]) -> list[str]:
+    return [
+        PYTHON, "-m", "app.demo.apps", "--rps", str(rps),
+        *(
+            arg
+            for i in instances
+            for arg in ("--instance", f"{i.service}:{i.version}:{i.app_port}:{i.outbound}")
+        ),
+    ]  # fmt: skip
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -105,6 +119,9 @@ class Supervisor:
             if code is not None:
                 return name, code
         return None
+
+    def all_exited(self) -> list[tuple[str, int]]:
+        return [(name, code) for name, proc in self.children if (code := proc.poll()) is not None]
 
     def stop_all(self, timeout_s: float = 15.0) -> None:
         # Reverse order: agents deregister while the control plane still listens.
@@ -193,17 +210,18 @@ def run_demo(
         supervisor.start("control-plane", [PYTHON, "-m", "app", "serve", "--no-migrate"])
         _wait_http(f"{url}/healthz", supervisor)
         instances = plan_instances()
+        # The first replica of every app shares one process, to stay light; a further replica
+        # gets a process of its own, so that it can be killed alone and the mesh seen to
+        # route around it; the load generator too, so that its cost can be told apart.
         supervisor.start(
             "apps",
-            [
-                PYTHON, "-m", "app.demo.apps", "--rps", str(rps),
-                *(
-                    arg
-                    for i in instances
-                    for arg in ("--instance", f"{i.service}:{i.version}:{i.app_port}:{i.outbound}")
-                ),
-            ],
-        )  # fmt: skip
+            _apps_command(
+                rps, [i for i in instances if i.replica == 1 and i.service != LOADGEN.name]
+            ),
+        )
+        for i in instances:
+            if i.replica > 1 or i.service == LOADGEN.name:
+                supervisor.start(f"app-{i.key}", _apps_command(rps, [i]))
         for i in instances:
             cmd = [
                 PYTHON, "-m", "mesh_agent",
@@ -227,14 +245,20 @@ def run_demo(
             f"--reason 'more canary' --server {url}\n"
             "Ctrl-C stops everything."
         )
+        reported: set[str] = set()
         while not stop["signal"]:
-            gone = supervisor.exited()
-            if gone is not None:
-                echo(
-                    f"mesh demo: {gone[0]} exited with code {gone[1]}; stopping (logs in "
-                    f"{home / 'logs'})"
-                )
-                return 1
+            for name, code in supervisor.all_exited():
+                if name == "control-plane":
+                    echo(
+                        f"mesh demo: {name} exited with code {code}; stopping (logs in "
+                        f"{home / 'logs'})"
+                    )
+                    return 1
+                if name not in reported:
+                    # A killed demo service is a fault to watch, not the end of the demo: its
+                    # callers' edges show the errors and their agents route around it.
+                    reported.add(name)
+                    echo(f"mesh demo: {name} exited with code {code}; the rest keeps running")
             time.sleep(0.2)
         echo("mesh demo: stopping")
         return 0

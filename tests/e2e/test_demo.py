@@ -22,7 +22,7 @@ from tests.e2e.mesh import MESHCTL, free_port, wait_until
 # Real processes on a loaded 2-core machine: the default 120 s per test is too tight.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
-AGENTS = sum(len(s.versions) for s in SERVICES) + 1  # + the load generator's
+AGENTS = sum(len(s.versions) * s.replicas for s in SERVICES) + 1  # + the load generator's
 
 
 def processes_mentioning(marker: str) -> list[str]:
