@@ -152,6 +152,13 @@ def _wait_http(url: str, supervisor: Supervisor, limit_s: float = 60.0) -> None:
     raise DemoError(f"{url} did not answer within {limit_s:.0f} s (see {supervisor.logs})")
 
 
+def _write_private(path: Path, text: str) -> None:
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text + "\n")
+
+
 def run_demo(
     settings: Settings,
     *,
@@ -162,7 +169,7 @@ def run_demo(
     from app.agents.token import JoinToken
     from app.audit.trust import build_audit_trust
     from app.db import Database, session_scope
-    from app.demo.seed import seed_demo_catalog
+    from app.demo.seed import NEWCOMER, seed_demo_catalog, seed_demo_people
 
     host, port = settings.host, settings.port
     if port_in_use(host, port):
@@ -185,6 +192,7 @@ def run_demo(
     try:
         for session in session_scope(database, write=True):
             seed_demo_catalog(session)
+            access = seed_demo_people(session)
         # Sign the seed's events now: the control plane's checkpointer was not listening yet.
         build_audit_trust(settings, database).checkpointer.checkpoint_quietly()
     finally:
@@ -192,6 +200,10 @@ def run_demo(
     token = JoinToken(settings.effective_join_token_file).ensure()
 
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    sign_in_url = f"{url}/sign-in/link/{access.sign_in_secret}"
+    # Also in files (0600), for scripts and tests that drive the demo.
+    _write_private(home / "sign-in-link", sign_in_url)
+    _write_private(home / "token", access.api_token)
     env = {
         **os.environ,
         "MESH_DATABASE_URL": database_url,
@@ -240,9 +252,11 @@ def run_demo(
             f"mesh demo: {len(SERVICES)} services, {len(instances)} agents, about {rps:g} "
             f"requests/s of traffic\n"
             f"  console  {url}   (topology, traffic, agents, traces)\n"
+            f"  sign in  {sign_in_url}\n"
+            f"           (one-time link, as {NEWCOMER}, an admin of this demo mesh)\n"
             f"  logs     {home / 'logs'}\n"
-            f"  try      meshctl canary catalog -n {DEMO_NAMESPACE} --weights v1=50,v2=50 "
-            f"--reason 'more canary' --server {url}\n"
+            f"  try      MESH_TOKEN=$(cat {home / 'token'}) meshctl canary catalog "
+            f"-n {DEMO_NAMESPACE} --weights v1=50,v2=50 --reason 'more canary' --server {url}\n"
             "Ctrl-C stops everything."
         )
         reported: set[str] = set()

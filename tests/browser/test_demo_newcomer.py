@@ -39,12 +39,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
 
 
 def open_console_as_newcomer(browser: Browser, demo: Demo) -> Page:
-    """What a newcomer does with what ``meshctl demo`` printed: open the console URL.
-    (When the console gets sign-in, this follows the one-time sign-in link the demo prints.)"""
+    """What a newcomer does with what ``meshctl demo`` printed: open the one-time sign-in
+    link, which lands on the console signed in."""
+    link = (demo.tmp / "data" / "demo" / "sign-in-link").read_text().strip()
+    assert link.startswith(demo.url + "/sign-in/link/")
     context = browser.new_context(base_url=demo.url, viewport={"width": 1400, "height": 900})
     context.set_default_timeout(15_000)
     page = context.new_page()
     page.goto(demo.url)
+    assert "/sign-in" in page.url  # nobody gets in without signing in
+    page.goto(link)
+    assert "/sign-in" not in page.url
     return page
 
 

@@ -78,11 +78,9 @@ def inbound(admin_url: str, metric: str = "mesh_requests_total") -> int:
     )
 
 
-def edge(url: str, source: str, target: str) -> dict[str, float]:
+def edge(demo: Demo, source: str, target: str) -> dict[str, float]:
     """The caller's edge over the last minute, as the topology shows it."""
-    graph = httpx.get(
-        url + "/api/v1/topology", params={"window": "1m", "namespace": "shop"}, timeout=5
-    ).json()
+    graph = demo.get("/api/v1/topology", window="1m", namespace="shop")
     service = {n["id"]: n["service"] for n in graph["nodes"]}
     for e in graph["edges"]:
         if (service[e["source"]], service[e["target"]]) == (source, target):
@@ -136,7 +134,7 @@ def test_a_killed_replica_is_contained_and_a_killed_service_shows_on_its_callers
 
     wait_until(ejected, 120, "the dead replica ejected while the healthy one serves")
     # Retries hid the first failures from the caller: its edge to inventory stays healthy.
-    to_inventory = edge(demo.url, "checkout", "inventory")
+    to_inventory = edge(demo, "checkout", "inventory")
     assert to_inventory["requests"] > 0
     assert to_inventory["failures"] <= 0.02 * to_inventory["requests"], to_inventory
     assert demo.proc.poll() is None, "the demo keeps running after one of its services died"
@@ -147,10 +145,10 @@ def test_a_killed_replica_is_contained_and_a_killed_service_shows_on_its_callers
         for pid, argv in children(demo.proc.pid).items()
         if "mesh_agent" in argv and option(argv, "--service") == "shipping"
     )
-    assert edge(demo.url, "checkout", "shipping")["failures"] == 0
+    assert edge(demo, "checkout", "shipping")["failures"] == 0
     os.kill(shipping_agent, signal.SIGKILL)
     wait_until(
-        lambda: edge(demo.url, "checkout", "shipping")["failures"] > 0,
+        lambda: edge(demo, "checkout", "shipping")["failures"] > 0,
         90,
         "errors on checkout → shipping in the topology",
     )
