@@ -512,6 +512,14 @@ def test_round_trip_against_a_real_meshctl_serve(tmp_path: Path) -> None:
                         server.wait(timeout=0.1)
                     except subprocess.TimeoutExpired:
                         continue
+            made = subprocess.run(
+                [sys.executable, "-m", "app", "token", "create", "--user", "admin@mesh.local",
+                 "--name", "round-trip", "--role", "admin"],
+                env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert made.returncode == 0, made.stderr
+            env["MESH_TOKEN"] = made.stdout.strip()  # what meshctl reads
+            http.headers["Authorization"] = f"Bearer {env['MESH_TOKEN']}"
             http.post("/api/v1/services", json={"name": "web", "owner_team": "t"})
             http.post("/api/v1/services/web/versions", json={"name": "v1"})
             before = http.get("/api/v1/audit").json()["total"]
@@ -519,6 +527,7 @@ def test_round_trip_against_a_real_meshctl_serve(tmp_path: Path) -> None:
             def meshctl(*args: str) -> subprocess.CompletedProcess[str]:
                 return subprocess.run(
                     [sys.executable, "-m", "app", *args, "--server", url],
+                    env={**os.environ, "MESH_TOKEN": env["MESH_TOKEN"]},
                     capture_output=True,
                     text=True,
                     timeout=60,

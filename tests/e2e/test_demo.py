@@ -68,6 +68,8 @@ class Demo:
 
     def synced(self) -> bool:
         assert self.proc is not None
+        if not (self.tmp / "data" / "demo" / "token").exists():
+            return False  # still seeding
         if self.proc.poll() is not None:
             raise AssertionError(
                 f"demo exited: {self.proc.stdout.read() if self.proc.stdout else ''}"
