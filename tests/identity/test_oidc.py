@@ -285,7 +285,10 @@ def test_the_provider_is_asked_for_a_code_with_pkce_state_and_nonce_kept_out_of_
     assert len(query["state"]) >= 32 and len(query["nonce"]) >= 32
     # The flow cookie is sealed: neither the state nor the nonce can be read from it.
     sealed = browser.cookies[FLOW_COOKIE]
-    assert query["state"] not in sealed and query["nonce"] not in sealed
+    opened = base64.urlsafe_b64decode(sealed + "=" * (-len(sealed) % 4))
+    for secret in (query["state"], query["nonce"]):
+        assert secret not in sealed
+        assert secret.encode() not in opened
 
 
 def test_a_returning_persons_role_and_teams_follow_the_claims(
@@ -347,10 +350,12 @@ def test_an_answer_without_the_browsers_flow_cookie_is_refused(
     [
         ({"nonce": "a-nonce-from-another-sign-in"}, "nonce"),
         ({"aud": "some-other-application"}, "aud"),
+        # Authorized for us (azp) but meant for another audience: only the aud check sees it.
+        ({"aud": "some-other-application", "azp": CLIENT_ID}, "aud"),
         ({"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200}, "expired"),
         ({"iss": "https://impostor.example"}, "iss"),
     ],
-    ids=["wrong-nonce", "wrong-audience", "expired", "wrong-issuer"],
+    ids=["wrong-nonce", "wrong-audience", "wrong-audience-with-azp", "expired", "wrong-issuer"],
 )
 def test_an_id_token_that_fails_validation_is_refused(
     browser: TestClient,
@@ -461,7 +466,7 @@ def test_single_sign_on_is_absent_when_not_configured(bare_client: TestClient) -
         ({"groups": ["/payments"]}, "operator"),
         ({"groups": ["search"]}, "viewer"),
         ({"realm_access": {"roles": ["offline_access", "operator"]}}, "operator"),
-        ({"realm_access": {"roles": ["admin"]}, "groups": []}, "admin"),
+        ({"realm_access": {"roles": ["viewer", "Admin"]}, "groups": []}, "admin"),
         ({"realm_access": {"roles": ["unknown"]}, "groups": ["mesh-admins"]}, "admin"),
     ],
 )
