@@ -41,6 +41,7 @@ from fastapi.responses import RedirectResponse, Response
 from joserfc import jwt
 from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
+from joserfc.jws import JWSRegistry
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
@@ -91,7 +92,8 @@ _SIGNING_ALGORITHMS = (
     "ES256",
     "ES384",
     "ES512",
-    "EdDSA",
+    "Ed25519",
+    "EdDSA",  # Ed25519's older, less specific name (RFC 9864), still what most providers say
 )
 _UNKNOWN_EMAIL = "(single sign-on)"
 _TRY_AGAIN = "Try again, or sign in with your password."
@@ -480,15 +482,14 @@ def validate_id_token(
     """The ID token's claims once its signature (the provider's published keys), issuer,
     audience, expiry and nonce have all checked out."""
     id_token: str = tokens["id_token"]
-    algorithms = metadata.signing_algorithms or ("RS256",)
+    # An explicit registry: joserfc's default admits only RS256, ES256 and HS256.
+    registry = JWSRegistry(algorithms=list(metadata.signing_algorithms or ("RS256",)))
     try:
         try:
-            token = jwt.decode(id_token, providers.keys(metadata), algorithms=algorithms)
+            token = jwt.decode(id_token, providers.keys(metadata), registry=registry)
         except InvalidKeyIdError:
             # A key id we do not know yet: the provider may have rotated its keys.
-            token = jwt.decode(
-                id_token, providers.keys(metadata, refresh=True), algorithms=algorithms
-            )
+            token = jwt.decode(id_token, providers.keys(metadata, refresh=True), registry=registry)
     except JoseError as exc:
         raise _invalid_token(f"signature: {exc.error}") from exc
     claims = CodeIDToken(

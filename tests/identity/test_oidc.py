@@ -24,6 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from joserfc import jwt
 from joserfc.jwk import RSAKey
+from joserfc.jws import JWSRegistry
 from sqlalchemy import select
 
 from app.config import Settings
@@ -56,6 +57,7 @@ class Provider:
     issuer: str = ""
     claims: dict[str, Any] = field(default_factory=dict)
     sign_with: RSAKey | None = None  # another key (same key id): a forged signature
+    algorithm: str = "RS256"
     grants: dict[str, Grant] = field(default_factory=dict)
     authorize_requests: list[dict[str, str]] = field(default_factory=list)
 
@@ -75,8 +77,9 @@ class Provider:
             **self.claims,
         }
         claims = {name: value for name, value in claims.items() if value is not None}
-        header = {"alg": "RS256", "kid": self.key.kid}
-        return jwt.encode(header, claims, self.sign_with or self.key)
+        header = {"alg": self.algorithm, "kid": self.key.kid}
+        registry = JWSRegistry(algorithms=[self.algorithm])
+        return jwt.encode(header, claims, self.sign_with or self.key, registry=registry)
 
 
 def _handler(provider: Provider) -> type[BaseHTTPRequestHandler]:
@@ -103,7 +106,7 @@ def _handler(provider: Provider) -> type[BaseHTTPRequestHandler]:
                         "token_endpoint": f"{provider.issuer}/token",
                         "jwks_uri": f"{provider.issuer}/jwks",
                         "response_types_supported": ["code"],
-                        "id_token_signing_alg_values_supported": ["RS256"],
+                        "id_token_signing_alg_values_supported": [provider.algorithm],
                         "token_endpoint_auth_methods_supported": ["client_secret_basic"],
                     },
                 )
@@ -388,6 +391,15 @@ def test_an_id_token_signed_with_another_key_is_refused(
     assert "signature" in answer.text
     assert _me(browser).status_code == 401
     assert _users(database) == []
+
+
+def test_a_provider_signing_with_another_asymmetric_algorithm_is_understood(
+    browser: TestClient, provider: Provider
+) -> None:
+    provider.algorithm = "PS256"  # RSASSA-PSS, as some providers are configured
+
+    assert sign_in(browser).status_code == 303
+    assert _me(browser).json()["name"] == "ada@example.com"
 
 
 def test_an_unverified_email_address_is_refused(
