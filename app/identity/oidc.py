@@ -43,6 +43,7 @@ from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 from joserfc.jws import JWSRegistry
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
@@ -659,14 +660,23 @@ def finish_single_sign_on(request: Request, settings: SettingsDep) -> Response:
         identity = identity_from_claims(settings, claims)
     except SingleSignOnError as failure:
         return _refuse(request, failure)
-    with database.session(write=True) as session:
-        try:
-            user = _sign_in(session, identity)
-        except SingleSignOnError as failure:
-            session.rollback()
-            return _refuse(request, failure, session)
-        response = sign_in_response(
-            request, session, settings, user, method="oidc", next_path=flow.next_path
-        )
-    response.headers.append(*_flow_cookie_header(request, "", 0))
-    return response
+    for attempt in range(2):
+        with database.session(write=True) as session:
+            try:
+                user = _sign_in(session, identity)
+            except SingleSignOnError as failure:
+                session.rollback()
+                return _refuse(request, failure, session)
+            except IntegrityError:
+                # The same person's first sign-in in another tab (or a new team named by
+                # someone else's) committed first; on a second try the rows are there.
+                session.rollback()
+                if attempt == 1:
+                    raise
+                continue
+            response = sign_in_response(
+                request, session, settings, user, method="oidc", next_path=flow.next_path
+            )
+        response.headers.append(*_flow_cookie_header(request, "", 0))
+        return response
+    raise AssertionError("unreachable")  # the loop returns or raises

@@ -26,10 +26,12 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 from joserfc.jws import JWSRegistry
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Database
-from app.identity import passwords
+from app.identity import passwords, service
 from app.identity.models import SignInFailure, User
 from app.identity.oidc import FLOW_COOKIE, role_from_claims
 
@@ -272,6 +274,7 @@ def test_first_sign_in_creates_the_account_with_role_and_teams_from_the_claims(
     assert user.oidc_subject == f"{provider.issuer} user-7f3a"
     assert user.password_hash is None
     assert _failures(database) == []
+    assert FLOW_COOKIE not in browser.cookies  # used once, then gone
 
 
 def test_the_provider_is_asked_for_a_code_with_pkce_state_and_nonce_kept_out_of_sight(
@@ -391,6 +394,27 @@ def test_an_id_token_signed_with_another_key_is_refused(
     assert "signature" in answer.text
     assert _me(browser).status_code == 401
     assert _users(database) == []
+
+
+def test_a_first_sign_in_that_loses_a_race_is_tried_again_not_a_server_error(
+    browser: TestClient, provider: Provider, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two tabs finishing the same person's first sign-in at once: the second one's insert
+    hits the unique e-mail address the first just committed."""
+    real = service.sign_in_oidc_user
+    calls: list[int] = []
+
+    def lose_the_race_once(session: Session, **identity: Any) -> User:
+        calls.append(1)
+        if len(calls) == 1:
+            raise IntegrityError("INSERT INTO users", {}, Exception("duplicate key"))
+        return real(session, **identity)
+
+    monkeypatch.setattr(service, "sign_in_oidc_user", lose_the_race_once)
+
+    assert sign_in(browser).status_code == 303
+    assert len(calls) == 2
+    assert _me(browser).json()["name"] == "ada@example.com"
 
 
 def test_a_provider_signing_with_another_asymmetric_algorithm_is_understood(
