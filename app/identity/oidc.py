@@ -134,6 +134,16 @@ def _unreachable(what: str, exc: Exception) -> SingleSignOnError:
     )
 
 
+def _not_usable(problem: str) -> SingleSignOnError:
+    log.warning("single sign-on: the provider's discovery document is not usable: %s", problem)
+    return SingleSignOnError(
+        f"The single sign-on provider's settings do not fit this console ({problem}); an admin "
+        f"should check MESH_OIDC_ISSUER. {_TRY_AGAIN}",
+        reason="provider not usable (discovery)",
+        status_code=status.HTTP_502_BAD_GATEWAY,
+    )
+
+
 def _get_json(url: str, what: str) -> dict[str, Any]:
     try:
         with httpx.Client(timeout=_HTTP_TIMEOUT) as http:
@@ -151,12 +161,12 @@ def _metadata_from(issuer: str, document: dict[str, Any]) -> ProviderMetadata:
     # OpenID Connect Discovery 1.0, section 4.3: the document must be the configured issuer's,
     # or a look-alike provider could hand out tokens for another issuer.
     if str(document.get("issuer", "")).rstrip("/") != issuer.rstrip("/"):
-        raise _unreachable("discovery", ValueError(f"issuer is {document.get('issuer')!r}"))
+        raise _not_usable("it names another issuer")
     endpoints = {}
     for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
         value = document.get(name)
         if not isinstance(value, str) or not value.startswith(("https://", "http://")):
-            raise _unreachable("discovery", ValueError(f"no {name}"))
+            raise _not_usable(f"no {name}")
         endpoints[name] = value
     algorithms = document.get("id_token_signing_alg_values_supported") or ["RS256"]
     methods = document.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]

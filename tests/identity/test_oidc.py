@@ -60,6 +60,7 @@ class Provider:
     claims: dict[str, Any] = field(default_factory=dict)
     sign_with: RSAKey | None = None  # another key (same key id): a forged signature
     algorithm: str = "RS256"
+    advertised_issuer: str = ""  # what discovery says, if not the real issuer
     grants: dict[str, Grant] = field(default_factory=dict)
     authorize_requests: list[dict[str, str]] = field(default_factory=list)
 
@@ -103,7 +104,7 @@ def _handler(provider: Provider) -> type[BaseHTTPRequestHandler]:
                 self._json(
                     200,
                     {
-                        "issuer": provider.issuer,
+                        "issuer": provider.advertised_issuer or provider.issuer,
                         "authorization_endpoint": f"{provider.issuer}/authorize",
                         "token_endpoint": f"{provider.issuer}/token",
                         "jwks_uri": f"{provider.issuer}/jwks",
@@ -474,6 +475,18 @@ def test_an_unreachable_provider_gives_a_clear_page_not_a_server_error(
     assert "The single sign-on provider could not be reached" in answer.text
     assert 'action="/sign-in"' in answer.text  # the password form is still there
     assert _failures(database) == ["single sign-on: provider unreachable (discovery)"]
+
+
+def test_a_discovery_document_of_another_issuer_is_not_trusted(
+    browser: TestClient, provider: Provider, database: Database
+) -> None:
+    provider.advertised_issuer = "https://impostor.example"
+
+    answer = browser.get("/sign-in/oidc", follow_redirects=False)
+
+    assert answer.status_code == 502
+    assert "settings do not fit this console (it names another issuer)" in answer.text
+    assert _failures(database) == ["single sign-on: provider not usable (discovery)"]
 
 
 def test_a_provider_that_goes_away_during_the_sign_in_gives_a_clear_page(
