@@ -13,6 +13,7 @@ from app.audit import web as audit_web
 from app.catalog import api as catalog_api
 from app.catalog import web as catalog_web
 from app.identity import api as identity_api
+from app.identity import oidc as identity_oidc
 from app.identity import web as identity_web
 from app.policies import api as policies_api
 from app.policies import web as policies_web
@@ -31,7 +32,7 @@ OPEN_API_ROUTERS: list[APIRouter] = [
     metrics.router,
 ]
 # The sign-in pages.
-OPEN_WEB_ROUTERS: list[APIRouter] = [identity_web.public_router]
+OPEN_WEB_ROUTERS: list[APIRouter] = [identity_web.public_router, identity_oidc.oidc_router]
 
 # JSON API for people and meshctl (a session or an API token): in /openapi.json.
 API_ROUTERS: list[APIRouter] = [
