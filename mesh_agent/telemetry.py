@@ -343,6 +343,10 @@ class Telemetry:
         self._series: dict[tuple[str, str, str, str], list[Any]] = {}
         self._sources: set[str] = {service}
         self._tracing: _Tracing | None = None
+        # The proxy asks start_span, then (unsampled) outgoing_traceparent about the same
+        # header: the second call reuses the first one's parse.
+        self._parsed_header: bytes | None = None
+        self._parsed_context: TraceContext | None = None
         if otlp_endpoint:
             self._tracing = _Tracing(
                 service=service,
@@ -513,7 +517,11 @@ class Telemetry:
         """
         if kind not in ("server", "client"):
             raise ValueError(f"span kind must be 'server' or 'client', got {kind!r}")
-        parent = parse_traceparent(traceparent) if traceparent else None
+        parent = None
+        if traceparent:
+            parent = parse_traceparent(traceparent)
+            self._parsed_header = traceparent
+            self._parsed_context = parent
         if parent is not None:
             if not parent.flags & 0x01:
                 return None
@@ -534,9 +542,16 @@ class Telemetry:
         as version 00. Absent or malformed → a new trace id, flag 00 (not sampled), so the hops
         downstream still share one id. Never None today; None is reserved for "send nothing".
         """
-        parent = parse_traceparent(incoming) if incoming else None
+        if not incoming:
+            return b"00-" + _new_trace_id() + b"-" + _new_span_id() + b"-00"
+        if incoming is self._parsed_header:
+            parent = self._parsed_context
+        else:
+            parent = parse_traceparent(incoming)
         if parent is None:
             return b"00-" + _new_trace_id() + b"-" + _new_span_id() + b"-00"
+        if parent.flags <= 0x01 and len(incoming) == 55 and incoming[:3] == b"00-":
+            return incoming  # already exactly what we would send
         return b"00-%b-%b-%02x" % (parent.trace_id, parent.parent_id, parent.flags & 0x01)
 
     def shutdown(self) -> None:

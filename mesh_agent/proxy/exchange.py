@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import Any, cast
+from typing import Any
 
 from mesh_agent.balancer import Endpoint
 from mesh_agent.proxy.contracts import SpanLike, TelemetryLike
@@ -23,7 +23,7 @@ from mesh_agent.proxy.downstream import Downstream
 from mesh_agent.proxy.errors import ClientGone, Failure
 from mesh_agent.proxy.flow import PEER
 from mesh_agent.proxy.http1 import Request, new_request_id, response_head
-from mesh_agent.proxy.upstream import Pool, Upstream, pool_of
+from mesh_agent.proxy.upstream import Upstream, pool_of
 
 __all__ = ["RETRY_BUFFER_BYTES", "FastRelay", "Forwarder", "idle_connections", "send_fast"]
 
@@ -39,7 +39,8 @@ def idle_connections(ep: Endpoint) -> list[Upstream] | None:
     pool = ep.pool
     if pool is None:
         return None
-    idle = cast(Pool, pool).idle
+    # Not typing.cast: that is a Python-level call, on every request.
+    idle: list[Upstream] = pool.idle  # type: ignore[attr-defined]
     while idle and idle[-1].closed:
         idle.pop()
     return idle or None
@@ -357,7 +358,7 @@ class FastRelay:
             up.discard = True
         else:
             conn.relaying = up
-            if conn.write_paused:
+            if conn.flow.write_paused:
                 up.flow.hold(PEER)
 
     def done(self) -> None:
