@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -325,14 +326,14 @@ async def _run(args: argparse.Namespace) -> int:
     config_file: str | None = args.config
     listeners: dict[str, str] = {}
 
-    def file_source(store: ConfigStore) -> ConfigSource:
+    def file_source(store: ConfigStore, listeners: Mapping[str, str]) -> ConfigSource:
         assert config_file is not None
         return FileSource(config_file, store)
 
-    def control_plane_source(store: ConfigStore) -> ConfigSource:
-        # Built now, registered at start: the inbound address is known once it is bound
-        # (the Agent fills its listeners before it starts the source).
-        return _LateControlPlaneSource(args, store, lambda: agent.listeners)
+    def control_plane_source(store: ConfigStore, listeners: Mapping[str, str]) -> ConfigSource:
+        # The Agent calls this once its listeners are bound: the inbound address registered
+        # with the control plane has its real port even when given as port 0.
+        return _control_plane_source(args, store, listeners.get("inbound"))
 
     agent = Agent(
         service=args.service,
@@ -364,6 +365,11 @@ async def _run(args: argparse.Namespace) -> int:
         return 2
     if exporter is not None:
         exporter.start()
+    # What start-up made (modules, config models, compiled routes) lives as long as the
+    # process: out of the collector's sight, a full collection no longer walks it all, which
+    # would otherwise stall every request in flight for milliseconds now and then.
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, agent.stop)
     loop.add_signal_handler(signal.SIGINT, agent.stop)
@@ -384,33 +390,6 @@ async def _run(args: argparse.Namespace) -> int:
         await exporter.stop()
     telemetry.shutdown()
     return 0
-
-
-class _LateControlPlaneSource:
-    """A ConfigSource that registers with the control plane when the agent starts: only then
-    is the inbound listener bound and its address (port 0 resolved) known."""
-
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        store: ControlPlaneStore,
-        listeners: Callable[[], dict[str, str]],
-    ) -> None:
-        self.args, self.store, self.listeners = args, store, listeners
-        self.inner: ControlPlaneSourceT | None = None
-
-    def start(self) -> None:
-        inbound = self.listeners().get("inbound")
-        self.inner = _control_plane_source(self.args, self.store, inbound)
-        self.inner.start()
-
-    async def stop(self) -> None:
-        if self.inner is not None:
-            await self.inner.stop()
-
-    def trigger(self) -> None:
-        if self.inner is not None:
-            self.inner.trigger()
 
 
 def _control_plane_source(

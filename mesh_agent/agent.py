@@ -6,7 +6,9 @@ the admin listener's metrics, the config source started after the listeners), no
 
 Where configs come from is a parameter: ``source_factory`` builds a
 :class:`~mesh_agent.control.ConfigSource` for the agent's store (a file, the control plane), so a
-new source plugs in without touching this module.
+new source plugs in without touching this module. It is called in :meth:`Agent.start`, once the
+listeners are bound, with their addresses: a source that registers this instance (the control
+plane) can then advertise the inbound port even when it was 0 on the command line.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,11 +27,13 @@ from mesh_agent.health import HealthChecker
 from mesh_agent.proxy import Limits, Proxy, TelemetryLike
 from mesh_agent.routing import CompiledConfig
 
-__all__ = ["Address", "Agent", "AgentTelemetry"]
+__all__ = ["Address", "Agent", "AgentTelemetry", "SourceFactory"]
 
 log = logging.getLogger("mesh_agent")
 
 Address = tuple[str, int]
+# Builds the config source for a store, given the bound listeners' addresses by name.
+SourceFactory = Callable[[ConfigStore, Mapping[str, str]], ConfigSource]
 
 
 class AgentTelemetry(TelemetryLike, Protocol):
@@ -57,7 +61,7 @@ class Agent:
         app: Address | None = None,
         limits: Limits | None = None,
         state_dir: str | os.PathLike[str] | None = None,
-        source_factory: Callable[[ConfigStore], ConfigSource] | None = None,
+        source_factory: SourceFactory | None = None,
         bootstrap: dict[str, Any] | None = None,
     ) -> None:
         self.service = service
@@ -69,7 +73,8 @@ class Agent:
         self.registry = EndpointRegistry()
         self.health = HealthChecker()
         self.store = ConfigStore(self.registry, state_dir, on_swap=self._on_swap)
-        self.source = source_factory(self.store) if source_factory is not None else None
+        self._source_factory = source_factory
+        self.source: ConfigSource | None = None  # built by start(), once the listeners are bound
         self.bootstrap: dict[str, Any] = {
             "service": service,
             "version": version,
@@ -99,8 +104,8 @@ class Agent:
         inbound: Address | None = None,
         admin: Address | None = None,
     ) -> dict[str, str]:
-        """Bind the listeners (inbound only with an app, admin only if given), then start the
-        config source. Returns the bound addresses by name (port 0 resolved). On OSError
+        """Bind the listeners (inbound only with an app, admin only if given), then build and start
+        the config source. Returns the bound addresses by name (port 0 resolved). On OSError
         everything already bound is closed again before the error propagates."""
         self.proxy = proxy = Proxy(
             holder=self.store.holder,
@@ -131,7 +136,8 @@ class Agent:
             await self.close()
             raise
         self.health.start(self.store.holder.current)
-        if self.source is not None:
+        if self._source_factory is not None:
+            self.source = self._source_factory(self.store, dict(listeners))
             self.source.start()
         return dict(listeners)
 

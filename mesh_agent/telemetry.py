@@ -2,7 +2,7 @@
 
 The proxy calls into this module on every request, so the per-request paths (`record`,
 `start_span` when unsampled, `outgoing_traceparent`) use plain dicts, lists and one regex, and
-the OpenTelemetry SDK is imported only when spans have somewhere to go (an OTLP endpoint).
+the OTLP message types are imported only when spans have somewhere to go (an OTLP endpoint).
 Without an endpoint a sampled request still gets fresh span ids, so trace ids and the sampled
 flag keep flowing across hops even if this agent exports nothing.
 
@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import re
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -139,19 +140,19 @@ def _new_span_id() -> bytes:
 class Span:
     """One sampled hop. `traceparent()` is the header to send upstream (a child of this span)."""
 
-    __slots__ = ("_header", "_otel", "_tracing", "span_id", "trace_id")
+    __slots__ = ("_header", "_record", "_tracing", "span_id", "trace_id")
 
     def __init__(
         self,
         trace_id: bytes,
         span_id: bytes,
-        otel_span: Any = None,
+        record: list[Any] | None = None,
         tracing: _Tracing | None = None,
     ) -> None:
         self.trace_id = trace_id
         self.span_id = span_id
         self._header = b"00-" + trace_id + b"-" + span_id + b"-01"
-        self._otel = otel_span
+        self._record = record  # what the exporter sends once the span ends
         self._tracing = tracing
 
     def traceparent(self) -> bytes:
@@ -159,9 +160,9 @@ class Span:
 
     def end(self, status: int | None) -> None:
         """Close the span; `status` None means no response arrived. Safe to call twice."""
-        otel, self._otel = self._otel, None
-        if otel is not None and self._tracing is not None:
-            self._tracing.end(otel, status)
+        record, self._record = self._record, None
+        if record is not None and self._tracing is not None:
+            self._tracing.end(record, status)
 
 
 class RepeatedLogFilter(logging.Filter):
@@ -192,16 +193,24 @@ class RepeatedLogFilter(logging.Filter):
         return True
 
 
-def _quiet_exporter_logs() -> None:
-    repeated = RepeatedLogFilter()
-    # Filters on a logger do not see records of its children, so attach to each one.
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("opentelemetry.exporter", "opentelemetry.sdk")):
-            logging.getLogger(name).addFilter(repeated)
+_log = logging.getLogger(__name__)
+_log.addFilter(RepeatedLogFilter())
+
+_SPAN_KIND = {"server": 2, "client": 3}  # opentelemetry.proto.trace.v1.Span.SpanKind
+_STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.StatusCode.STATUS_CODE_ERROR
+_MAX_QUEUED_SPANS = 4096
+_EXPORT_BATCH = 512  # a batch this big is sent at once rather than after the delay
 
 
 class _Tracing:
-    """The OpenTelemetry SDK side: imported only when there is an endpoint to export to."""
+    """Finished spans, batched and sent over OTLP/HTTP (protobuf) from one daemon thread.
+
+    The messages are built with the official OTLP types (``opentelemetry-proto``, which the
+    metrics exporter loads anyway) rather than through the OpenTelemetry SDK: the SDK and its
+    HTTP exporter (requests, urllib3) cost ~8 MB of RSS (measured) and an object graph per span,
+    for what is a list of finished spans and a POST. Export never pushes back on the proxy: the
+    queue is bounded and drops when full. Imported only when there is an endpoint.
+    """
 
     def __init__(
         self,
@@ -212,68 +221,139 @@ class _Tracing:
         endpoint: str,
         batch_delay_ms: int,
         headers: Mapping[str, str] | None = None,
+        timeout_s: float = 5.0,
     ) -> None:
-        # Imported here, not at module top: together they add ~10 MB of RSS (measured on top of
-        # the agent's own modules) and ~70 ms of start-up to an agent that may never export.
-        from opentelemetry import trace
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+        from opentelemetry.proto.common.v1 import common_pb2
+        from opentelemetry.proto.resource.v1 import resource_pb2
+        from opentelemetry.proto.trace.v1 import trace_pb2
 
-        self._trace = trace
-        self._kinds = {"server": trace.SpanKind.SERVER, "client": trace.SpanKind.CLIENT}
-        self._error = trace.Status(trace.StatusCode.ERROR)
-        resource = Resource.create(
-            {"service.name": service, "service.version": version, "service.namespace": namespace}
+        self._pb_trace = trace_pb2
+        self._pb_common = common_pb2
+        self._request_type = trace_service_pb2.ExportTraceServiceRequest
+        self._resource = resource_pb2.Resource(
+            attributes=[
+                self._attribute(k, v)
+                for k, v in (
+                    ("service.name", service),
+                    ("service.version", version),
+                    ("service.namespace", namespace),
+                )
+            ]
         )
-        # The sampling decision is ours (incoming flag or head ratio) and made before the SDK is
-        # called, so the SDK must record whatever it is asked to.
-        self._provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
-        # A bounded queue that drops when full: export must never push back on the hot path.
-        self._provider.add_span_processor(
-            BatchSpanProcessor(
-                OTLPSpanExporter(
-                    endpoint=_traces_url(endpoint), timeout=5, headers=dict(headers or {})
-                ),
-                max_queue_size=4096,
-                schedule_delay_millis=batch_delay_ms,
-            )
-        )
-        _quiet_exporter_logs()
-        # Not the global provider: the agent is a library to its tests, and several agents with
-        # different resources may live in one process.
-        self._tracer = self._provider.get_tracer("mesh_agent")
+        self._scope = common_pb2.InstrumentationScope(name="mesh_agent")
+        self._url = _traces_url(endpoint)
+        self._headers = {"Content-Type": "application/x-protobuf", **dict(headers or {})}
+        self._timeout_s = timeout_s
+        self._delay_s = batch_delay_ms / 1000.0
+        self._lock = threading.Lock()  # guards _queue (the loop appends, the thread takes)
+        self._queue: list[list[Any]] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="mesh-agent-spans", daemon=True)
+        self._thread.start()
+
+    def _attribute(self, key: str, value: str | int) -> Any:
+        common = self._pb_common
+        if isinstance(value, int):
+            return common.KeyValue(key=key, value=common.AnyValue(int_value=value))
+        return common.KeyValue(key=key, value=common.AnyValue(string_value=value))
 
     def start(
         self, name: str, kind: str, parent: TraceContext | None, attributes: Mapping[str, str]
     ) -> Span:
-        trace = self._trace
-        context = None
-        if parent is not None:
-            remote = trace.SpanContext(
-                int(parent.trace_id, 16),
-                int(parent.parent_id, 16),
-                is_remote=True,
-                trace_flags=trace.TraceFlags(parent.flags & 0x01),
-            )
-            context = trace.set_span_in_context(trace.NonRecordingSpan(remote))
-        otel = self._tracer.start_span(
-            name, context=context, kind=self._kinds[kind], attributes=attributes
-        )
-        ctx = otel.get_span_context()
-        return Span(b"%032x" % ctx.trace_id, b"%016x" % ctx.span_id, otel, self)
+        trace_id = parent.trace_id if parent is not None else _new_trace_id()
+        span_id = _new_span_id()
+        parent_id = parent.parent_id if parent is not None else None
+        # [name, kind, trace id, span id, parent id, start ns, attributes, end ns, status]
+        record: list[Any] = [name, kind, trace_id, span_id, parent_id, time.time_ns(), attributes]
+        return Span(trace_id, span_id, record, self)
 
-    def end(self, otel: Any, status: int | None) -> None:
-        if status is not None:
-            otel.set_attribute("http.response.status_code", status)
-        if status is None or status >= 500:
-            otel.set_status(self._error)
-        otel.end()
+    def end(self, record: list[Any], status: int | None) -> None:
+        record += (time.time_ns(), status)
+        with self._lock:
+            if len(self._queue) >= _MAX_QUEUED_SPANS:
+                self.dropped += 1
+                return
+            self._queue.append(record)
+            full = len(self._queue) >= _EXPORT_BATCH
+        if full:
+            self._wake.set()
+
+    def _message(self, batch: list[list[Any]]) -> bytes:
+        trace = self._pb_trace
+        spans = []
+        for name, kind, trace_id, span_id, parent_id, start_ns, attributes, end_ns, status in batch:
+            attrs = [self._attribute(k, v) for k, v in attributes.items()]
+            if status is not None:
+                attrs.append(self._attribute("http.response.status_code", status))
+            spans.append(
+                trace.Span(
+                    trace_id=bytes.fromhex(trace_id.decode()),
+                    span_id=bytes.fromhex(span_id.decode()),
+                    parent_span_id=bytes.fromhex(parent_id.decode()) if parent_id else b"",
+                    name=name,
+                    kind=_SPAN_KIND[kind],
+                    start_time_unix_nano=start_ns,
+                    end_time_unix_nano=end_ns,
+                    attributes=attrs,
+                    status=trace.Status(code=_STATUS_ERROR)
+                    if status is None or status >= 500
+                    else None,
+                )
+            )
+        request = self._request_type(
+            resource_spans=[
+                trace.ResourceSpans(
+                    resource=self._resource,
+                    scope_spans=[trace.ScopeSpans(scope=self._scope, spans=spans)],
+                )
+            ]
+        )
+        body: bytes = request.SerializeToString()
+        return body
+
+    def _send(self, batch: list[list[Any]]) -> None:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(  # noqa: S310 (http(s) checked at start-up)
+            self._url, data=self._message(batch), headers=self._headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:  # noqa: S310
+                response.read()
+        except urllib.error.HTTPError as exc:
+            _log.warning("span export to %s got HTTP %s", self._url, exc.code)
+        except (OSError, ValueError) as exc:
+            _log.warning("span export to %s failed: %s", self._url, exc)
+
+    def _take(self) -> list[list[Any]]:
+        with self._lock:
+            batch, self._queue = self._queue, []
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._delay_s)
+            self._wake.clear()
+            stopping = self._stopping
+            batch = self._take()
+            while batch:
+                try:
+                    self._send(batch[:_EXPORT_BATCH])
+                except Exception:  # never let a bug here end the export for good
+                    _log.exception("span export failed unexpectedly")
+                batch = batch[_EXPORT_BATCH:]
+            if stopping:
+                return
 
     def shutdown(self) -> None:
-        self._provider.shutdown()  # flushes what the batch processor still holds
+        """Send what is queued (blocks up to the export timeout per batch) and stop."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
 
 
 def _traces_url(endpoint: str) -> str:
@@ -343,6 +423,10 @@ class Telemetry:
         self._series: dict[tuple[str, str, str, str], list[Any]] = {}
         self._sources: set[str] = {service}
         self._tracing: _Tracing | None = None
+        # The proxy asks start_span, then (unsampled) outgoing_traceparent about the same
+        # header: the second call reuses the first one's parse.
+        self._parsed_header: bytes | None = None
+        self._parsed_context: TraceContext | None = None
         if otlp_endpoint:
             self._tracing = _Tracing(
                 service=service,
@@ -513,7 +597,11 @@ class Telemetry:
         """
         if kind not in ("server", "client"):
             raise ValueError(f"span kind must be 'server' or 'client', got {kind!r}")
-        parent = parse_traceparent(traceparent) if traceparent else None
+        parent = None
+        if traceparent:
+            parent = parse_traceparent(traceparent)
+            self._parsed_header = traceparent
+            self._parsed_context = parent
         if parent is not None:
             if not parent.flags & 0x01:
                 return None
@@ -534,9 +622,16 @@ class Telemetry:
         as version 00. Absent or malformed → a new trace id, flag 00 (not sampled), so the hops
         downstream still share one id. Never None today; None is reserved for "send nothing".
         """
-        parent = parse_traceparent(incoming) if incoming else None
+        if not incoming:
+            return b"00-" + _new_trace_id() + b"-" + _new_span_id() + b"-00"
+        if incoming is self._parsed_header:
+            parent = self._parsed_context
+        else:
+            parent = parse_traceparent(incoming)
         if parent is None:
             return b"00-" + _new_trace_id() + b"-" + _new_span_id() + b"-00"
+        if parent.flags <= 0x01 and len(incoming) == 55 and incoming[:3] == b"00-":
+            return incoming  # already exactly what we would send
         return b"00-%b-%b-%02x" % (parent.trace_id, parent.parent_id, parent.flags & 0x01)
 
     def shutdown(self) -> None:

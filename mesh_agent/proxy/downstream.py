@@ -301,11 +301,15 @@ class Downstream(asyncio.Protocol):
         if req.host is None and req.http11:
             self._parse_error = (400, "missing-host")  # RFC 9112 section 3.2
             raise ValueError("missing Host")
-        url = normalize_target(req.url, self.listener.escaped_slashes())
-        if url is None:
-            self._parse_error = (400, "invalid-path")
-            raise ValueError("path refused by normalisation")
-        req.url = url
+        url = req.url
+        if b"%" in url or b"/." in url or b"//" in url or b"#" in url:
+            # Only then can normalisation change the target (an absolute-form target always
+            # has "//"): the common origin-form path skips the call and the config lookup.
+            normal = normalize_target(url, self.listener.escaped_slashes())
+            if normal is None:
+                self._parse_error = (400, "invalid-path")
+                raise ValueError("path refused by normalisation")
+            req.url = normal
         if req.extra_hop:
             # Headers named in Connection are hop-by-hop too (RFC 9110 section 7.6.1).
             extra = req.extra_hop
@@ -376,7 +380,8 @@ class Downstream(asyncio.Protocol):
 
     def fast_done(self, keep: bool) -> None:
         """The fast path has answered its request: what ``_serve`` does after each request."""
-        if keep and self.write_paused and not self.closed:
+        flow = self.flow
+        if keep and flow.write_paused and not self.closed:
             # Let the client take the response before reading its next request.
             spawn(self.loop, self._drain_then_done())
             return
@@ -394,7 +399,7 @@ class Downstream(asyncio.Protocol):
         if self._req is None:
             self.phase = IDLE
         self.phase_since = self.loop.time()
-        self.resume_reading(body=False)
+        flow.release(PIPELINE)
 
     async def _drain_then_done(self) -> None:
         await self.drain()

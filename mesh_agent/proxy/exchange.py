@@ -4,25 +4,56 @@
 ``relay`` sends that response on to the caller. Small request bodies (up to
 ``RETRY_BUFFER_BYTES``) are buffered so that a retry or a mirror can resend them; larger ones are
 streamed with back-pressure (``pump_body``) and never retried.
+
+The callback-only fast path of both sides shares its setup here too: ``idle_connections`` finds a
+connection that can take the request at once, ``Forwarder.begin_hop`` starts the span and builds
+the head, ``send_fast`` hands the connection to a :class:`FastRelay` and writes the head.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from typing import Any
 
 from mesh_agent.balancer import Endpoint
-from mesh_agent.proxy.contracts import TelemetryLike
+from mesh_agent.proxy.contracts import SpanLike, TelemetryLike
 from mesh_agent.proxy.downstream import Downstream
 from mesh_agent.proxy.errors import ClientGone, Failure
 from mesh_agent.proxy.flow import PEER
-from mesh_agent.proxy.http1 import Request, response_head
+from mesh_agent.proxy.http1 import Request, new_request_id, response_head
 from mesh_agent.proxy.upstream import Upstream, pool_of
 
-__all__ = ["RETRY_BUFFER_BYTES", "Forwarder"]
+__all__ = ["RETRY_BUFFER_BYTES", "FastRelay", "Forwarder", "idle_connections", "send_fast"]
+
+log = logging.getLogger("mesh_agent.proxy")
 
 RETRY_BUFFER_BYTES = 64 * 1024
+
+
+def idle_connections(ep: Endpoint) -> list[Upstream] | None:
+    """The endpoint's idle pooled connections, the closed ones on top dropped, or None when
+    none is left. The fast path takes one with ``pop()`` only once nothing can fail any more,
+    so that no connection is ever left out of the pool."""
+    pool = ep.pool
+    if pool is None:
+        return None
+    # Not typing.cast: that is a Python-level call, on every request.
+    idle: list[Upstream] = pool.idle  # type: ignore[attr-defined]
+    while idle and idle[-1].closed:
+        idle.pop()
+    return idle or None
+
+
+def send_fast(
+    up: Upstream, req: Request, relay: FastRelay, head: bytes, body_deadline: float | None = None
+) -> None:
+    """Hand ``up`` to ``relay`` (its parser callbacks drive it from now on) and send the head."""
+    up.begin_fast(req.method == b"HEAD", relay, body_deadline)
+    transport = up.transport
+    assert transport is not None
+    transport.write(head)
 
 
 class Forwarder:
@@ -133,6 +164,33 @@ class Forwarder:
             up.abort()
             raise
 
+    def begin_hop(
+        self,
+        conn: Downstream,
+        req: Request,
+        path: bytes,
+        authority: bytes | None,
+        body: bytes | None,
+        *,
+        span_name: str,
+        kind: str,
+        attributes: dict[str, str],
+        outbound: bool,
+    ) -> tuple[SpanLike | None, bytes | None, bytes]:
+        """This hop's span (None when not sampled), the traceparent sent upstream and the whole
+        head to send, with the trace context, request id and forwarding headers of this hop.
+        A request that came without an id gets one (``req.request_id``), kept for its copies."""
+        tel = self.telemetry
+        span = tel.start_span(
+            name=span_name, kind=kind, traceparent=req.traceparent, attributes=attributes
+        )
+        tp = span.traceparent() if span is not None else tel.outgoing_traceparent(req.traceparent)
+        request_id = req.request_id
+        if request_id is None:
+            request_id = req.request_id = new_request_id()
+        head = self.build_head(req, path, authority, body, tp, request_id, outbound)
+        return span, tp, self.finish_head(head, conn, req)
+
     def build_head(
         self,
         req: Request,
@@ -232,3 +290,123 @@ class Forwarder:
             status=status,
             duration_s=self.loop.time() - req.started,
         )
+
+
+class FastRelay:
+    """One request relayed from callbacks, the part both sides share: the upstream's parser
+    callbacks write the response head and body to the caller, the end releases the connection,
+    ends the span, counts the request (:meth:`record`, per side) and tells the caller's
+    connection it may go on. Subclasses decide what a failure (:meth:`fail`) means."""
+
+    __slots__ = (
+        "chunked",
+        "conn",
+        "deadline",
+        "ep",
+        "forwarder",
+        "head_bytes",
+        "headed",
+        "keep",
+        "req",
+        "span",
+        "up",
+    )
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        conn: Downstream,
+        req: Request,
+        up: Upstream,
+        ep: Endpoint,
+        head_bytes: bytes,
+        span: SpanLike | None,
+        deadline: float,
+    ) -> None:
+        self.forwarder = forwarder
+        self.conn = conn
+        self.req = req
+        self.up = up
+        self.ep = ep
+        self.head_bytes = head_bytes
+        self.span = span
+        self.deadline = deadline
+        self.headed = False
+        self.keep = False
+        self.chunked = False
+
+    def head(self) -> None:
+        """The response head arrived (called from the upstream parser)."""
+        try:
+            self.relay_head()
+        except Exception:
+            self.internal_error()
+
+    def relay_head(self) -> None:
+        """Send the response head on to the caller; the body follows from the parser."""
+        up = self.up
+        conn = self.conn
+        parts, self.keep, self.chunked, no_body = response_head(
+            self.req, up.status, up, conn.closed
+        )
+        self.headed = True
+        conn.responded = True
+        up.out += parts
+        up.sink = conn
+        up.sink_chunked = self.chunked
+        if no_body:
+            up.discard = True
+        else:
+            conn.relaying = up
+            if conn.flow.write_paused:
+                up.flow.hold(PEER)
+
+    def done(self) -> None:
+        """The whole response went to the caller (called once the parser returned)."""
+        try:
+            up = self.up
+            conn = self.conn
+            conn.relaying = None
+            if self.chunked:
+                conn.write(b"0\r\n\r\n")
+            up.flow.release(PEER)
+            self.forwarder.release(up)
+        except Exception:
+            self.internal_error()
+            return
+        self.finish(up.status, self.keep)
+
+    def fail(self, kind: str) -> None:
+        raise NotImplementedError
+
+    def break_off(self, kind: str) -> None:
+        """Broken off mid-body or past the deadline: break off too, so the caller sees a
+        truncated response; a timeout counts as no response at all."""
+        conn = self.conn
+        conn.relaying = None
+        conn.close()
+        self.finish(None if kind == "timeout" else self.up.status, False)
+
+    def internal_error(self) -> None:
+        log.exception("internal error while proxying %r", self.req.url[:200])
+        up = self.up
+        up.fast = None
+        up.abort()
+        conn = self.conn
+        conn.relaying = None
+        status = None
+        if not conn.responded:
+            status = 500
+            conn.send_error(self.req, 500, "internal", close=True)
+        conn.close()
+        self.finish(status, False)
+
+    def record(self, status: int | None) -> None:
+        raise NotImplementedError
+
+    def finish(self, status: int | None, keep: bool) -> None:
+        self.ep.active_requests -= 1
+        if self.span is not None:
+            self.span.end(status)
+        self.record(status)
+        self.conn.fast_done(keep)

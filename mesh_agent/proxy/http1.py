@@ -257,7 +257,7 @@ def response_head(
 ) -> tuple[list[bytes], bool, bool, bool]:
     """The head to send the caller for an upstream response: (parts, keep-alive, chunked,
     no body). Hop-by-hop headers go, framing is re-decided for the caller's side."""
-    parts = [status_line(status)]
+    parts = [_STATUS_LINE.get(status) or status_line(status)]
     extra: set[bytes] | None = None
     for name, value in response.headers:
         n = name.lower()

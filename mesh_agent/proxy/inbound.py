@@ -10,22 +10,16 @@ remains the reference behaviour.
 
 from __future__ import annotations
 
-import logging
-from typing import cast
-
 from mesh_agent.balancer import Endpoint
 from mesh_agent.proxy.contracts import ConfigHolder, SpanLike, TelemetryLike
 from mesh_agent.proxy.downstream import Downstream
 from mesh_agent.proxy.errors import FAILURE_REASON, Failure
-from mesh_agent.proxy.exchange import Forwarder
-from mesh_agent.proxy.flow import PEER
-from mesh_agent.proxy.http1 import Request, new_request_id, response_head, split_target
-from mesh_agent.proxy.upstream import Pool, Upstream
+from mesh_agent.proxy.exchange import FastRelay, Forwarder, idle_connections, send_fast
+from mesh_agent.proxy.http1 import Request, split_target
+from mesh_agent.proxy.upstream import Upstream
 from mesh_agent.routing import Inbound
 
 __all__ = ["FastExchange", "InboundSide"]
-
-log = logging.getLogger("mesh_agent.proxy")
 
 
 class InboundSide:
@@ -57,45 +51,41 @@ class InboundSide:
         ep = self.app
         if ep is None or req.url[:1] != b"/":
             return False
-        pool = ep.pool
         inbound = self.holder.current.inbound
-        if pool is None or inbound.rate_limit is not None:
+        if inbound.rate_limit is not None:
             return False
-        idle = cast(Pool, pool).idle
-        while idle and idle[-1].closed:
-            idle.pop()
-        if not idle:
+        idle = idle_connections(ep)
+        if idle is None:
             return False
         source = req.source.decode("latin-1") if req.source else "unknown"
-        tel = self.telemetry
-        span = tel.start_span(
-            name=self.span_name,
-            kind="server",
-            traceparent=req.traceparent,
-            attributes={"http.request.method": req.method.decode("latin-1"), "mesh.source": source},
-        )
-        tp = span.traceparent() if span is not None else tel.outgoing_traceparent(req.traceparent)
-        request_id = req.request_id or new_request_id()
-        fwd = self.forwarder
-        head = fwd.finish_head(
-            fwd.build_head(req, req.url, req.host, b"", tp, request_id, outbound=False), conn, req
-        )
+        span, _, head = self.begin_hop(conn, req, req.url, b"", source)
         up = idle.pop()  # only now: nothing above may leave a connection out of the pool
         ep.active_requests += 1
         fx = FastExchange(
             self, conn, req, up, ep, inbound, head, span, source, req.started + inbound.timeout_s
         )
-        up.begin_fast(req.method == b"HEAD", fx)
-        transport = up.transport
-        assert transport is not None
-        transport.write(head)
+        send_fast(up, req, fx, head)
         return True
+
+    def begin_hop(
+        self, conn: Downstream, req: Request, path: bytes, body: bytes | None, source: str
+    ) -> tuple[SpanLike | None, bytes | None, bytes]:
+        return self.forwarder.begin_hop(
+            conn,
+            req,
+            path,
+            req.host,
+            body,
+            span_name=self.span_name,
+            kind="server",
+            attributes={"http.request.method": req.method.decode("latin-1"), "mesh.source": source},
+            outbound=False,
+        )
 
     async def handle(self, conn: Downstream, req: Request) -> bool:
         cfg = self.holder.current
         inbound = cfg.inbound
         source = req.source.decode("latin-1") if req.source else "unknown"
-        tel = self.telemetry
         if self.app is None:
             keep = conn.send_error(req, 503, "no-app")
             self.forwarder.record(req, source, self.service, self.version, 503)
@@ -107,19 +97,9 @@ class InboundSide:
         _, path = split_target(req.url, req.host)
         if not path:
             return conn.send_error(req, 400, "malformed-request")
-        span = tel.start_span(
-            name=self.span_name,
-            kind="server",
-            traceparent=req.traceparent,
-            attributes={"http.request.method": req.method.decode("latin-1"), "mesh.source": source},
-        )
-        tp = span.traceparent() if span is not None else tel.outgoing_traceparent(req.traceparent)
+        # The body first: a caller that goes away meanwhile leaves no span unended.
         body = await self.forwarder.read_body(req)
-        request_id = req.request_id or new_request_id()
-        fwd = self.forwarder
-        head = fwd.finish_head(
-            fwd.build_head(req, path, req.host, body, tp, request_id, outbound=False), conn, req
-        )
+        span, _, head = self.begin_hop(conn, req, path, body, source)
         ep = self.app
         ep.active_requests += 1
         return await self.exchange(conn, req, inbound, head, body, span, source)
@@ -179,26 +159,11 @@ class InboundSide:
             )
 
 
-class FastExchange:
-    """One inbound request relayed from callbacks: the upstream's parser callbacks write the
-    response head and body to the caller, the end releases the connection and counts the
-    request. Behaves like ``InboundSide.exchange`` in every outcome."""
+class FastExchange(FastRelay):
+    """One inbound request relayed from callbacks (see :class:`FastRelay`). Behaves like
+    ``InboundSide.exchange`` in every outcome."""
 
-    __slots__ = (
-        "chunked",
-        "conn",
-        "deadline",
-        "ep",
-        "head_bytes",
-        "headed",
-        "inbound",
-        "keep",
-        "req",
-        "side",
-        "source",
-        "span",
-        "up",
-    )
+    __slots__ = ("inbound", "side", "source")
 
     def __init__(
         self,
@@ -213,56 +178,10 @@ class FastExchange:
         source: str,
         deadline: float,
     ) -> None:
+        super().__init__(side.forwarder, conn, req, up, ep, head_bytes, span, deadline)
         self.side = side
-        self.conn = conn
-        self.req = req
-        self.up = up
-        self.ep = ep
         self.inbound = inbound
-        self.head_bytes = head_bytes
-        self.span = span
         self.source = source
-        self.deadline = deadline
-        self.headed = False
-        self.keep = False
-        self.chunked = False
-
-    def head(self) -> None:
-        """The response head arrived (called from the upstream parser)."""
-        try:
-            up = self.up
-            conn = self.conn
-            parts, self.keep, self.chunked, no_body = response_head(
-                self.req, up.status, up, conn.closed
-            )
-            self.headed = True
-            conn.responded = True
-            up.out += parts
-            up.sink = conn
-            up.sink_chunked = self.chunked
-            if no_body:
-                up.discard = True
-            else:
-                conn.relaying = up
-                if conn.write_paused:
-                    up.flow.hold(PEER)
-        except Exception:
-            self._internal_error()
-
-    def done(self) -> None:
-        """The whole response went to the caller (called once the parser returned)."""
-        try:
-            up = self.up
-            conn = self.conn
-            conn.relaying = None
-            if self.chunked:
-                conn.write(b"0\r\n\r\n")
-            up.flow.release(PEER)
-            self.side.forwarder.release(up)
-        except Exception:
-            self._internal_error()
-            return
-        self._finish(up.status, self.keep)
 
     def fail(self, kind: str) -> None:
         """No complete response: like a failed ``Forwarder.exchange`` or a relay broken off."""
@@ -271,11 +190,7 @@ class FastExchange:
             conn = self.conn
             up.abort()
             if self.headed:
-                # Broken off mid-body or past the deadline: break off too, so the caller sees
-                # a truncated response; a timeout counts as no response at all.
-                conn.relaying = None
-                conn.close()
-                self._finish(None if kind == "timeout" else up.status, False)
+                self.break_off(kind)
                 return
             if kind == "reset" and not up.got_bytes:
                 # The pooled connection was closed as we reused it: the upstream never saw the
@@ -298,29 +213,12 @@ class FastExchange:
             status = 504 if kind == "timeout" else 503
             keep = conn.send_error(self.req, status, FAILURE_REASON[kind])
         except Exception:
-            self._internal_error()
+            self.internal_error()
             return
-        self._finish(status, keep)
+        self.finish(status, keep)
 
-    def _internal_error(self) -> None:
-        log.exception("internal error while proxying %r", self.req.url[:200])
-        up = self.up
-        up.fast = None
-        up.abort()
-        conn = self.conn
-        conn.relaying = None
-        status = None
-        if not conn.responded:
-            status = 500
-            conn.send_error(self.req, 500, "internal", close=True)
-        conn.close()
-        self._finish(status, False)
-
-    def _finish(self, status: int | None, keep: bool) -> None:
-        self.ep.active_requests -= 1
+    def record(self, status: int | None) -> None:
         side = self.side
-        if self.span is not None:
-            self.span.end(status)
         side.telemetry.record(
             source=self.source,
             destination=side.service,
@@ -328,4 +226,3 @@ class FastExchange:
             status=status,
             duration_s=side.loop.time() - self.req.started,
         )
-        self.conn.fast_done(keep)

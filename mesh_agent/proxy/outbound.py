@@ -5,26 +5,21 @@ budget, preferring another endpoint), fault injection and mirroring."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections.abc import Callable
-from typing import cast
 
 from mesh_agent.balancer import Endpoint
 from mesh_agent.proxy.contracts import ConfigHolder, SpanLike, TelemetryLike
 from mesh_agent.proxy.downstream import Downstream
 from mesh_agent.proxy.errors import FAILURE_REASON, Failure
-from mesh_agent.proxy.exchange import Forwarder
-from mesh_agent.proxy.flow import PEER
-from mesh_agent.proxy.http1 import Request, new_request_id, response_head, split_target
+from mesh_agent.proxy.exchange import FastRelay, Forwarder, idle_connections, send_fast
+from mesh_agent.proxy.http1 import Request, split_target
 from mesh_agent.proxy.mirror import Mirror
-from mesh_agent.proxy.upstream import Pool, Upstream
+from mesh_agent.proxy.upstream import Upstream
 from mesh_agent.resilience import RetryRules, percent_chance
 from mesh_agent.routing import CompiledRoute, CompiledService, VersionPool
 
 __all__ = ["FastExchange", "OutboundSide", "Plan"]
-
-log = logging.getLogger("mesh_agent.proxy")
 
 # Routing decided for one request: service, route, version pool, endpoint for the first try.
 Plan = tuple[CompiledService, CompiledRoute, VersionPool, Endpoint]
@@ -93,28 +88,14 @@ class OutboundSide:
                 self.forwarder.record(req, self.service, svc.name, pool.version, abort)
                 return conn.send_error(req, abort, "fault-abort")
         body = await self.forwarder.read_body(req)
-        span = tel.start_span(
-            name=f"{svc.name} outbound",
-            kind="client",
-            traceparent=req.traceparent,
-            attributes={
-                "http.request.method": req.method.decode("latin-1"),
-                "mesh.destination": svc.name,
-                "mesh.route": route.name,
-            },
-        )
-        tp = span.traceparent() if span is not None else tel.outgoing_traceparent(req.traceparent)
-        request_id = req.request_id or new_request_id()
-        fwd = self.forwarder
-        head = fwd.finish_head(
-            fwd.build_head(req, path, authority, body, tp, request_id, outbound=True), conn, req
-        )
+        span, tp, head = self.begin_hop(conn, req, path, authority, body, svc, route)
         if (
             body is not None
             and route.mirror is not None
             and percent_chance(route.mirror_percent, self.rng)
         ):
-            self.mirror.maybe_send(route, svc, req, path, authority, body, tp, request_id, conn)
+            assert req.request_id is not None  # given by begin_hop
+            self.mirror.maybe_send(route, svc, req, path, authority, body, tp, req.request_id, conn)
         status: int | None = None
         try:
             status, keep = await self.forward(
@@ -262,32 +243,13 @@ class OutboundSide:
         if route is None or route.fault is not None or route.mirror is not None:
             return False
         pool = route.pick_pool()
-        loop = self.loop
-        now = loop.time()
+        now = self.loop.time()
         ep = pool.balancer.pick(now)
-        idle = cast(Pool, ep.pool).idle if ep.pool is not None else None
-        while idle and idle[-1].closed:
-            idle.pop()
-        if not idle:
+        idle = idle_connections(ep)
+        if idle is None:
             req.plan = (svc, route, pool, ep)
             return False
-        tel = self.telemetry
-        span = tel.start_span(
-            name=f"{svc.name} outbound",
-            kind="client",
-            traceparent=req.traceparent,
-            attributes={
-                "http.request.method": req.method.decode("latin-1"),
-                "mesh.destination": svc.name,
-                "mesh.route": route.name,
-            },
-        )
-        tp = span.traceparent() if span is not None else tel.outgoing_traceparent(req.traceparent)
-        request_id = req.request_id or new_request_id()
-        fwd = self.forwarder
-        head = fwd.finish_head(
-            fwd.build_head(req, path, authority, b"", tp, request_id, outbound=True), conn, req
-        )
+        span, _, head = self.begin_hop(conn, req, path, authority, b"", svc, route)
         svc.budget.record_request()
         route_deadline = now + route.timeout_s
         per_try = route.retry.per_try_timeout_s
@@ -297,11 +259,34 @@ class OutboundSide:
         fx = FastExchange(
             self, conn, req, up, svc, route, pool, ep, head, span, deadline, route_deadline
         )
-        up.begin_fast(req.method == b"HEAD", fx, route_deadline)
-        transport = up.transport
-        assert transport is not None
-        transport.write(head)
+        send_fast(up, req, fx, head, route_deadline)
         return True
+
+    def begin_hop(
+        self,
+        conn: Downstream,
+        req: Request,
+        path: bytes,
+        authority: bytes,
+        body: bytes | None,
+        svc: CompiledService,
+        route: CompiledRoute,
+    ) -> tuple[SpanLike | None, bytes | None, bytes]:
+        return self.forwarder.begin_hop(
+            conn,
+            req,
+            path,
+            authority,
+            body,
+            span_name=f"{svc.name} outbound",
+            kind="client",
+            attributes={
+                "http.request.method": req.method.decode("latin-1"),
+                "mesh.destination": svc.name,
+                "mesh.route": route.name,
+            },
+            outbound=True,
+        )
 
     async def resume(
         self,
@@ -348,28 +333,12 @@ class OutboundSide:
             )
 
 
-class FastExchange:
-    """One outbound request relayed from callbacks, like ``inbound.FastExchange``; a response
-    or failure that the retry policy retries hands the request over to
+class FastExchange(FastRelay):
+    """One outbound request relayed from callbacks (see :class:`FastRelay`); a response or
+    failure that the retry policy retries hands the request over to
     :meth:`OutboundSide.resume` (the retry itself runs in a coroutine)."""
 
-    __slots__ = (
-        "chunked",
-        "conn",
-        "deadline",
-        "ep",
-        "head_bytes",
-        "headed",
-        "keep",
-        "pool",
-        "req",
-        "route",
-        "route_deadline",
-        "side",
-        "span",
-        "svc",
-        "up",
-    )
+    __slots__ = ("pool", "route", "route_deadline", "side", "svc")
 
     def __init__(
         self,
@@ -386,21 +355,12 @@ class FastExchange:
         deadline: float,
         route_deadline: float,
     ) -> None:
+        super().__init__(side.forwarder, conn, req, up, ep, head_bytes, span, deadline)
         self.side = side
-        self.conn = conn
-        self.req = req
-        self.up = up
         self.svc = svc
         self.route = route
         self.pool = pool
-        self.ep = ep
-        self.head_bytes = head_bytes
-        self.span = span
-        self.deadline = deadline
         self.route_deadline = route_deadline
-        self.headed = False
-        self.keep = False
-        self.chunked = False
 
     def _retry_delay(self) -> float | None:
         rules = self.route.retry
@@ -429,7 +389,8 @@ class FastExchange:
         )
 
     def head(self) -> None:
-        """The response head arrived (called from the upstream parser)."""
+        """The response head arrived (called from the upstream parser): retried if the retry
+        policy says so, else relayed."""
         try:
             up = self.up
             status = up.status
@@ -444,38 +405,9 @@ class FastExchange:
                     up.abort()
                     self._hand_over(attempt=1, avoid=self.ep, delay=delay)
                     return
-            conn = self.conn
-            parts, self.keep, self.chunked, no_body = response_head(
-                self.req, status, up, conn.closed
-            )
-            self.headed = True
-            conn.responded = True
-            up.out += parts
-            up.sink = conn
-            up.sink_chunked = self.chunked
-            if no_body:
-                up.discard = True
-            else:
-                conn.relaying = up
-                if conn.write_paused:
-                    up.flow.hold(PEER)
+            self.relay_head()
         except Exception:
-            self._internal_error()
-
-    def done(self) -> None:
-        """The whole response went to the caller (called once the parser returned)."""
-        try:
-            up = self.up
-            conn = self.conn
-            conn.relaying = None
-            if self.chunked:
-                conn.write(b"0\r\n\r\n")
-            up.flow.release(PEER)
-            self.side.forwarder.release(up)
-        except Exception:
-            self._internal_error()
-            return
-        self._finish(up.status, self.keep)
+            self.internal_error()
 
     def fail(self, kind: str) -> None:
         """No complete response: retried as :meth:`OutboundSide.forward` would, else an error
@@ -485,9 +417,7 @@ class FastExchange:
             conn = self.conn
             up.abort()
             if self.headed:
-                conn.relaying = None
-                conn.close()
-                self._finish(None if kind == "timeout" else up.status, False)
+                self.break_off(kind)
                 return
             if kind == "reset" and not up.got_bytes:
                 # The pooled connection was closed as we reused it: the upstream never saw the
@@ -503,29 +433,12 @@ class FastExchange:
             status = 504 if kind == "timeout" else 503
             keep = conn.send_error(self.req, status, FAILURE_REASON[kind])
         except Exception:
-            self._internal_error()
+            self.internal_error()
             return
-        self._finish(status, keep)
+        self.finish(status, keep)
 
-    def _internal_error(self) -> None:
-        log.exception("internal error while proxying %r", self.req.url[:200])
-        up = self.up
-        up.fast = None
-        up.abort()
-        conn = self.conn
-        conn.relaying = None
-        status = None
-        if not conn.responded:
-            status = 500
-            conn.send_error(self.req, 500, "internal", close=True)
-        conn.close()
-        self._finish(status, False)
-
-    def _finish(self, status: int | None, keep: bool) -> None:
-        self.ep.active_requests -= 1
+    def record(self, status: int | None) -> None:
         side = self.side
-        if self.span is not None:
-            self.span.end(status)
         side.telemetry.record(
             source=side.service,
             destination=self.svc.name,
@@ -533,4 +446,3 @@ class FastExchange:
             status=status,
             duration_s=side.loop.time() - self.req.started,
         )
-        self.conn.fast_done(keep)

@@ -73,7 +73,7 @@ class Pool:
 
     def release(self, conn: Upstream, now: float) -> None:
         if conn.reusable() and not self.retired:
-            if not self.wake_one(conn):
+            if not self.waiters or not self.wake_one(conn):
                 conn.idle_since = now
                 self.idle.append(conn)
         else:
@@ -367,11 +367,12 @@ class Upstream(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-        n = name.lower()
-        if n == b"content-length":
+        # The length first: most headers are neither, and len() is cheaper than lower().
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
             v = value.strip()
             self.content_length = int(v) if v.isdigit() else None
-        elif n == b"transfer-encoding":
+        elif size == 17 and name.lower() == b"transfer-encoding":
             self.chunked = True
 
     def on_headers_complete(self) -> None:

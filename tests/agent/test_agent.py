@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -39,17 +40,22 @@ class RecordingSource:
 def test_source_starts_after_the_listeners_reloads_on_demand_and_stops_on_drain() -> None:
     async def scenario() -> None:
         sources: list[RecordingSource] = []
+        seen_listeners: list[dict[str, str]] = []
 
-        def factory(store: ConfigStore) -> RecordingSource:
+        def factory(store: ConfigStore, listeners: Mapping[str, str]) -> RecordingSource:
+            seen_listeners.append(dict(listeners))
             source = RecordingSource(store, {"services": [service("a", {"v1": ["10.0.0.1:80"]})]})
             sources.append(source)
             return source
 
         agent = CoreAgent(service="web", telemetry=FakeTelemetry(), source_factory=factory)
-        (source,) = sources
-        assert source.events == []  # wiring alone opens nothing and starts nothing
+        assert sources == []  # wiring alone opens nothing and builds no source
         listeners = await agent.start(outbound=("127.0.0.1", 0), admin=("127.0.0.1", 0))
+        (source,) = sources
         assert source.events == ["start"]
+        # Built after the listeners were bound: port 0 is resolved in what the source is told.
+        assert seen_listeners == [listeners]
+        assert not listeners["outbound"].endswith(":0")
         assert set(listeners) == {"outbound", "admin"}  # no app: no inbound listener
         async with httpx.AsyncClient() as c:
             admin = f"http://{listeners['admin']}"

@@ -162,6 +162,23 @@ def test_outgoing_traceparent_for_unsampled_requests() -> None:
     assert len({fields(h)[1] for h in fresh if h}) == 3
 
 
+def test_outgoing_traceparent_answers_for_the_header_it_is_given() -> None:
+    # The proxy asks start_span, then outgoing_traceparent; the second call reuses the first
+    # one's parse only for that very header, never for another request's.
+    t = make(ratio=0.0)
+    other = f"00-{'1' * 32}-{'2' * 16}-00".encode()
+    assert span(t, UNSAMPLED) is None
+    assert t.outgoing_traceparent(UNSAMPLED) == UNSAMPLED
+    assert t.outgoing_traceparent(other) == other
+    assert span(t, b"bogus") is None
+    assert t.outgoing_traceparent(other) == other
+    fresh = t.outgoing_traceparent(b"bogus")
+    assert fresh is not None and fields(fresh)[1] != "1" * 32
+    # Not in canonical form (blanks, flags beyond the sampled bit): rebuilt, not passed on.
+    assert t.outgoing_traceparent(b" " + UNSAMPLED + b" ") == UNSAMPLED
+    assert t.outgoing_traceparent(UNSAMPLED[:-2] + b"02") == UNSAMPLED
+
+
 def test_invalid_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="sampling_ratio"):
         make(ratio=1.5)
