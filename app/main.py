@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     console_key = load_or_create_key_file(
         settings.effective_secret_key_file, lambda: secrets.token_hex(32).encode()
     )
+    app.state.console_key = console_key  # other keys derive from it, each with its own label
     app.state.csrf = CsrfTokens(console_key)
     app.state.session_cookies = SessionCookies(console_key)
 

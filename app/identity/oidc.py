@@ -57,7 +57,6 @@ from app.identity.auth import client_address, current_principal
 from app.identity.models import User
 from app.identity.principal import ROLE_NAMES, Role
 from app.identity.web import safe_next, sign_in_response
-from app.keys import load_or_create_key_file
 from app.web import render
 
 __all__ = [
@@ -288,12 +287,7 @@ def _flow_cookies(request: Request) -> FlowCookies:
     with _CACHE_LOCK:
         cookies: FlowCookies | None = getattr(state, "oidc_flow_cookies", None)
         if cookies is None:
-            settings: Settings = state.settings
-            # The file the application created at start-up (app.main): the console key.
-            console_key = load_or_create_key_file(
-                settings.effective_secret_key_file, lambda: secrets.token_hex(32).encode()
-            )
-            cookies = state.oidc_flow_cookies = FlowCookies(console_key)
+            cookies = state.oidc_flow_cookies = FlowCookies(state.console_key)
     return cookies
 
 
@@ -539,7 +533,7 @@ def record_failure(session: Session, request: Request, email: str, reason: str) 
     """A failed single sign-on on the admins' page, next to failed password sign-ins."""
     # The service layer has no public function for this (yet): its private one keeps the
     # failure log written in one place.
-    service._record_failure(session, email or _UNKNOWN_EMAIL, client_address(request), reason)
+    service.record_failure(session, email or _UNKNOWN_EMAIL, client_address(request), reason)
 
 
 def _refuse(

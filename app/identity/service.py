@@ -255,7 +255,7 @@ def principal_for_user(session: Session, user: User, client_address: str = "") -
 # Signing in
 
 
-def _record_failure(session: Session, email: str, address: str, reason: str) -> None:
+def record_failure(session: Session, email: str, address: str, reason: str) -> None:
     session.add(SignInFailure(email=email[:254], client_address=address, reason=reason))
     session.flush()
 
@@ -276,16 +276,16 @@ def authenticate(
         )
     )
     if (recent or 0) >= _ADDRESS_FAILURE_LIMIT:
-        _record_failure(session, email, client_address, "too many attempts from this address")
+        record_failure(session, email, client_address, "too many attempts from this address")
         return None
     user = find_user(session, email)
     # Always verify (against a dummy hash when there is no account): equal time either way.
     matches = passwords.verify_password(user.password_hash if user else None, password[:1024])
     if user is None:
-        _record_failure(session, email, client_address, "unknown account")
+        record_failure(session, email, client_address, "unknown account")
         return None
     if user.locked_until is not None and user.locked_until > now:
-        _record_failure(session, email, client_address, "account locked")
+        record_failure(session, email, client_address, "account locked")
         return None
     if not matches:
         user.failed_sign_ins += 1
@@ -294,10 +294,10 @@ def authenticate(
             user.locked_until = now + timedelta(minutes=settings.sign_in_lockout_minutes)
             user.failed_sign_ins = 0
             reason = "wrong password; account locked"
-        _record_failure(session, email, client_address, reason)
+        record_failure(session, email, client_address, reason)
         return None
     if user.disabled:
-        _record_failure(session, email, client_address, "account disabled")
+        record_failure(session, email, client_address, "account disabled")
         return None
     user.failed_sign_ins, user.locked_until, user.last_sign_in_at = 0, None, now
     session.flush()
@@ -334,11 +334,11 @@ def redeem_sign_in_link(session: Session, secret: str, client_address: str) -> U
         .returning(SignInLink.user_id)
     ).first()
     if used is None:
-        _record_failure(session, "(sign-in link)", client_address, "unknown, used or expired link")
+        record_failure(session, "(sign-in link)", client_address, "unknown, used or expired link")
         return None
     user = get_user(session, used.user_id)
     if user.disabled:
-        _record_failure(session, user.email, client_address, "account disabled")
+        record_failure(session, user.email, client_address, "account disabled")
         return None
     user.last_sign_in_at = now
     session.flush()
