@@ -22,8 +22,8 @@ COPY examples ./examples
 # can read the join token file the control plane writes (0600) on the shared volume.
 RUN pip install -e . \
     && useradd --system --uid 10001 --user-group --home-dir /var/lib/mesh mesh \
-    && mkdir -p /var/lib/mesh /run/mesh \
-    && chown mesh:mesh /var/lib/mesh /run/mesh
+    && mkdir -p /var/lib/mesh /run/mesh /run/mesh-seed \
+    && chown mesh:mesh /var/lib/mesh /run/mesh /run/mesh-seed
 
 USER mesh
 ENV MESH_DATA_DIR=/var/lib/mesh \

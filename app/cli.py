@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -450,6 +451,9 @@ def token_create(
     ),
     team: Annotated[str | None, typer.Option(help="Narrow the token to one team.")] = None,
     days: Annotated[int, typer.Option(min=1, max=3650, help="Days until it expires.")] = 90,
+    output: Annotated[
+        Path | None, typer.Option(help="Write it to this file (created 0600) instead of stdout.")
+    ] = None,
 ) -> None:
     """Create an API token for meshctl or automation and print it (this once). Use it as
     MESH_TOKEN, or in ~/.config/mesh/token with mode 0600."""
@@ -477,7 +481,18 @@ def token_create(
             session.commit()
     finally:
         database.dispose()
-    typer.echo(created.secret)
+    if output is None:
+        typer.echo(created.secret)
+        return
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.unlink(missing_ok=True)
+        descriptor = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(created.secret + "\n")
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror}")
+    typer.echo(f"token written to {output}", err=True)
 
 
 def bootstrap_sign_in(settings: Settings, database: Database) -> str | None:
