@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from app.db import utcnow
 from app.identity.models import Team
 from app.identity.principal import Action, Principal, authorize
 
@@ -19,10 +22,18 @@ def ensure_team(session: Session, actor: Principal, name: str) -> Team:
         return team
     if actor.kind != "agent":
         authorize(actor, Action.MANAGE_ACCESS)
-    team = Team(name=name)
-    session.add(team)
-    session.flush()
-    return team
+    # Two writers naming the same new team at once (agents registering after a restart): the
+    # second waits for the first and then finds its row, instead of failing on the unique name.
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(
+        insert(Team)
+        .values(name=name, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+    created = session.scalar(select(Team).where(Team.name == name))
+    assert created is not None
+    return created
 
 
 def list_teams(session: Session) -> list[Team]:

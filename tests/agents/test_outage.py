@@ -53,7 +53,10 @@ def test_database_outage_gives_503_and_agents_keep_their_stream(
             },
         )
         assert ack.status_code == 204  # held, then nothing new: the agent's stream is intact
-        assert cp.get("/api/v1/agents").json()["items"][0]["sync_state"] == "SYNCED"
+        # People's requests need the database to check who they are: 503, never 500.
+        assert cp.get("/api/v1/agents").status_code == 503
     finally:
         _set_connections(db_url, allowed=True)
     assert cp.get("/api/v1/services").status_code == 200
+    # The agent ACKed during the outage and is still in sync.
+    assert cp.get("/api/v1/agents").json()["items"][0]["sync_state"] == "SYNCED"
