@@ -52,6 +52,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: 
 )
 from sqlalchemy import text  # noqa: E402
 
+from app.agents.token import JoinToken  # noqa: E402
 from app.db import make_engine  # noqa: E402
 from app.migrate import upgrade  # noqa: E402
 from mesh_agent.metrics_export import MetricsExporter  # noqa: E402
@@ -160,10 +161,16 @@ def agent_bodies(agents: int) -> list[bytes]:
 # Server and measurements
 
 
+def join_token(workdir: Path) -> str:
+    """The mesh join token the server in ``workdir`` accepts (senders present it as agents do)."""
+    return JoinToken(workdir / "join-token").ensure()
+
+
 @contextlib.contextmanager
 def serve(url: str, workdir: Path, **env: str) -> Iterator[tuple[int, int]]:
     """(port, pid) of a ``meshctl serve`` with OTLP rate limits out of the benchmark's way."""
     port = catalog_bench.free_port()
+    join_token(workdir)  # created before the server starts, so both read the same file
     environment = {
         **os.environ,
         "MESH_DATABASE_URL": url,
@@ -224,7 +231,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def post_all(
-    port: int, bodies: list[bytes], clients: int, path: str, content_type: str
+    port: int, bodies: list[bytes], clients: int, path: str, content_type: str, token: str
 ) -> tuple[float, dict[int, int]]:
     """Post every body once over ``clients`` keep-alive connections; (seconds, status counts)."""
     queue = list(enumerate(bodies))
@@ -233,7 +240,11 @@ def post_all(
 
     def worker(n: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        headers = {"Content-Type": content_type, "Authorization": f"Bearer bench-{n}"}
+        headers = {
+            "Content-Type": content_type,
+            "Authorization": f"Bearer {token}",
+            "X-Mesh-Agent": f"bench-{n}",
+        }
         while True:
             with lock:
                 if not queue:
@@ -317,11 +328,12 @@ def measure_spans(
 ) -> SpanRow:
     env = {} if store else {"MESH_OTLP_STORE": "false"}
     with serve(url, workdir, **env) as (port, pid):
+        token = join_token(workdir)
         rest: list[float] = []
         if catalog:
             rest = page_latencies(port, threading.Event(), 100, CATALOG_PAUSE_S)
         # warm the receiver (imports, connection pools) outside the timed run
-        post_all(port, bodies[:2], 1, "/v1/traces", "application/x-protobuf")
+        post_all(port, bodies[:2], 1, "/v1/traces", "application/x-protobuf", token)
         cpu0 = cpu_seconds(pid)
         during: list[float] = []
         stop = threading.Event()
@@ -334,7 +346,7 @@ def measure_spans(
             )
             sampler.start()
         seconds, statuses = post_all(
-            port, bodies[2:], clients, "/v1/traces", "application/x-protobuf"
+            port, bodies[2:], clients, "/v1/traces", "application/x-protobuf", token
         )
         stop.set()
         if sampler is not None:
@@ -342,7 +354,8 @@ def measure_spans(
         main1, workers1 = cpu_seconds(pid)
     main, workers = main1 - cpu0[0], workers1 - cpu0[1]
     cpu = main + workers
-    spans = (len(bodies) - 2) * SPANS_PER_BATCH
+    # Only accepted requests count: a refusal (401, 429, 503) is fast and stores nothing.
+    spans = statuses.get(200, 0) * SPANS_PER_BATCH
     return SpanRow(
         backend=backend if store else "no-op peer (decode, no store)",
         spans=spans,
@@ -370,7 +383,8 @@ def measure_metrics(
     lock = threading.Lock()
     next_index = [0]
     with serve(url, workdir) as (port, pid):
-        post_all(port, bodies[:2], 1, "/v1/metrics", "application/x-protobuf")  # warm up
+        token = join_token(workdir)
+        post_all(port, bodies[:2], 1, "/v1/metrics", "application/x-protobuf", token)  # warm up
         cpu0 = cpu_seconds(pid)
         began = time.perf_counter()
 
@@ -392,7 +406,8 @@ def measure_metrics(
                     body=bodies[agent],
                     headers={
                         "Content-Type": "application/x-protobuf",
-                        "Authorization": f"Bearer agent-{agent}",
+                        "Authorization": f"Bearer {token}",
+                        "X-Mesh-Agent": f"agent-{agent}",
                     },
                 )
                 response = connection.getresponse()
@@ -408,7 +423,7 @@ def measure_metrics(
             t.join()
         elapsed = time.perf_counter() - began
         cpu = sum(cpu_seconds(pid)) - sum(cpu0)
-    points = total * 6
+    points = statuses.get(200, 0) * 6
     return MetricsRow(
         backend=backend,
         agents=len(bodies),

@@ -12,6 +12,7 @@ Metric design (documented for senders in ``docs/telemetry.md``): one histogram,
 from __future__ import annotations
 
 import json
+import operator
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -262,9 +263,7 @@ class RollupDelta:
         self.requests += requests
         self.failures += failures
         self.latency_sum_ms += sum_ms
-        mine = self.latency_counts
-        for i, count in enumerate(counts):
-            mine[i] += count
+        self.latency_counts = list(map(operator.add, self.latency_counts, counts))
 
 
 @dataclass
@@ -317,7 +316,8 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
                     )
                 for point in hist.data_points:
                     points += 1
-                    if list(point.explicit_bounds) != bounds:
+                    # Compared as the repeated field (a list copy per point cost more).
+                    if point.explicit_bounds != bounds:
                         raise OtlpError(
                             400,
                             f"{METRIC_NAME} explicit bounds must be "
@@ -399,8 +399,10 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
                         )
                         delta = deltas.get(key)
                         if delta is None:
-                            delta = deltas[key] = RollupDelta()
-                        delta.add(point.count, failures, total_ms, counts)
+                            # Most keys are new in a request: made whole, not added to zeros.
+                            deltas[key] = RollupDelta(point.count, failures, total_ms, counts[:])
+                        else:
+                            delta.add(point.count, failures, total_ms, counts)
                     stored += 1
     messages = {
         "other": f"only {METRIC_NAME} is stored; other metrics were dropped",

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from app.deps import SessionDep, SettingsDep
 from app.telemetry.read import EdgeWindowCache
 from app.topology import schemas, service
+from app.topology.cache import TopologyCache
 from app.topology.layout import LayoutCache
 
 router = APIRouter(prefix="/api/v1", tags=["topology"])
@@ -32,7 +33,16 @@ def get_layouts(request: Request) -> LayoutCache:
     return layouts
 
 
+def get_topology_cache(request: Request) -> TopologyCache:
+    """The app's cache of computed graphs, made on first use (on the event loop: no race)."""
+    cache: TopologyCache | None = getattr(request.app.state, "topologies", None)
+    if cache is None:
+        cache = request.app.state.topologies = TopologyCache()
+    return cache
+
+
 EdgeCacheDep = Annotated[EdgeWindowCache, Depends(get_edge_cache)]
+TopologyCacheDep = Annotated[TopologyCache, Depends(get_topology_cache)]
 LayoutsDep = Annotated[LayoutCache, Depends(get_layouts)]
 
 
@@ -50,6 +60,7 @@ def get_topology(
     settings: SettingsDep,
     edge_cache: EdgeCacheDep,
     layouts: LayoutsDep,
+    topologies: TopologyCacheDep,
     window: WindowQuery = "5m",
     namespace: Annotated[
         str | None,
@@ -82,15 +93,16 @@ def get_topology(
         hide_idle=hide_idle,
         hide_healthy=hide_healthy,
     )
-    graph = service.topology(
-        session,
-        query,
-        edge_cache=edge_cache,
-        layouts=layouts,
-        limits=service.thresholds(settings),
+    limits = service.thresholds(settings)
+    cached = topologies.get(
+        (query, limits),
+        lambda: service.topology(
+            session, query, edge_cache=edge_cache, layouts=layouts, limits=limits
+        ),
     )
-    # Serialised once by pydantic-core: FastAPI would validate the 1,000-edge model again first.
-    return Response(graph.model_dump_json(), media_type="application/json")
+    # Serialised once by pydantic-core (and kept with the graph): FastAPI would validate the
+    # 1,000-edge model again first.
+    return Response(cached.json, media_type="application/json")
 
 
 @router.get(
