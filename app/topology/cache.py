@@ -62,6 +62,7 @@ class TopologyCache:
             found = self._entries.get(key)
             if found is not None and now - found[0] < self.ttl_s:
                 self.hits += 1
+                self._entries.move_to_end(key)  # the least recently asked for go first
                 return found[1]
             self.misses += 1
         # Computed outside the lock: two concurrent misses may both compute, and the later one
