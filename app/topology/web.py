@@ -19,6 +19,7 @@ from app.topology.api import (
     LayoutsDep,
     TopologyCacheDep,
     WindowQuery,
+    later,
 )
 from app.web import fragment, render, templates
 
@@ -141,6 +142,7 @@ def topology_page(
             lambda: service.topology(
                 session, query, edge_cache=edge_cache, layouts=layouts, limits=limits
             ),
+            later(request, query, edge_cache, layouts, limits),
         ).graph
     except DomainError as exc:
         error, status_code = exc.message, exc.status_code

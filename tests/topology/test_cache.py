@@ -1,4 +1,5 @@
-"""Computed topologies are reused for a few seconds per query, then recomputed."""
+"""Computed topologies are reused for a few seconds per query, then recomputed: in the
+background while the last graph is recent enough, else while the request waits."""
 
 from __future__ import annotations
 
@@ -82,9 +83,45 @@ def test_a_failed_computation_is_not_kept() -> None:
     assert cache.get("q", lambda: _with_window("6h")).graph.window.name == "6h"
 
 
+def test_a_stale_graph_is_answered_while_a_new_one_is_computed_in_the_background() -> None:
+    clock = Clock()
+    cache = TopologyCache(ttl_s=2.0, max_stale_s=30.0, clock=clock)
+    computed: list[str] = []
+
+    def compute(name: str) -> schemas.Topology:
+        computed.append(name)
+        return _with_window(name)
+
+    cache.get("q", lambda: compute("5m"), lambda: compute("later"))
+    clock.now += 5
+    stale = cache.get("q", lambda: compute("now"), lambda: compute("1h"))
+    assert stale.graph.window.name == "5m"  # answered at once, from the cache
+    cache.drain()
+    assert computed == ["5m", "1h"]  # ... and recomputed off the request
+    assert cache.get("q", lambda: compute("now"), lambda: compute("6h")).graph.window.name == "1h"
+    clock.now += 31  # nobody asked for longer than max_stale_s: the request waits for a new one
+    assert cache.get("q", lambda: compute("24h"), lambda: compute("6h")).graph.window.name == "24h"
+
+
+def test_a_failed_background_refresh_keeps_the_last_graph(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    cache = TopologyCache(ttl_s=2.0, max_stale_s=30.0, clock=clock)
+
+    def fail() -> schemas.Topology:
+        raise RuntimeError("database gone")
+
+    cache.get("q", lambda: _with_window("5m"), fail)
+    clock.now += 5
+    assert cache.get("q", fail, fail).graph.window.name == "5m"
+    cache.drain()
+    assert "background topology refresh failed" in caplog.text
+    assert cache.get("q", fail, fail).graph.window.name == "5m"
+
+
 def test_a_refresh_after_the_ttl_shows_new_traffic(mesh: TestClient, database: Database) -> None:  # noqa: F811
     clock = Clock()
-    mesh.app.state.topologies = TopologyCache(ttl_s=2.0, clock=clock)  # type: ignore[attr-defined]
+    cache = TopologyCache(ttl_s=2.0, max_stale_s=30.0, clock=clock)
+    mesh.app.state.topologies = cache  # type: ignore[attr-defined]
 
     def edges() -> set[str]:
         return {edge["id"] for edge in mesh.get("/api/v1/topology").json()["edges"]}
@@ -97,4 +134,8 @@ def test_a_refresh_after_the_ttl_shows_new_traffic(mesh: TestClient, database: D
     clock.now += 1.0
     assert edges() == before  # a refresh within the TTL: the graph computed a second ago
     clock.now += 1.5
+    assert edges() == before  # past the TTL: the last graph, while a new one is computed
+    cache.drain()
     assert "default/ratings->default/stars" in edges()
+    # The page reads the same cache.
+    assert "stars" in mesh.get("/topology").text
