@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
-from sqlalchemy import Table, func, select, tuple_
+from sqlalchemy import Table, and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -468,9 +468,17 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
         session.execute(select(func.pg_advisory_xact_lock(_ROLLUP_LOCK)))
     table = _ROLLUPS
     buckets = {(key[0], key[1]) for key in deltas}
+    # One equality pair per bucket, ORed, not a row-value IN: SQLite planned the IN as a scan
+    # of the whole table (every write read every rollup ever kept), the ORed pairs as searches
+    # of the unique key's index.
     existing = session.execute(
         select(*_ROLLUP_KEY_COLUMNS, *_ROLLUP_VALUE_COLUMNS).where(
-            tuple_(table.c.resolution_s, table.c.bucket_start).in_(sorted(buckets)),
+            or_(
+                *(
+                    and_(table.c.resolution_s == resolution, table.c.bucket_start == start)
+                    for resolution, start in sorted(buckets)
+                )
+            ),
             table.c.dest_service.in_(sorted({key[6] for key in deltas})),
         )
     )

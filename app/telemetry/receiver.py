@@ -4,9 +4,10 @@ Spans are stored by the request that carried them (512 spans make one INSERT wor
 transaction). Metric requests are small and frequent (1,000 agents every 10 s are 100 a second)
 and would spend most of their time beginning and committing transactions, so they are group
 committed: each request hands its decoded deltas to one writer thread and waits for the
-transaction that stores them; the writer takes everything queued within 50 ms of the first
-and writes it in one transaction. A request is still answered only once its data is committed,
-and a failed transaction fails every request in it (they retry), so nothing is half stored.
+transaction that stores them; the writer takes everything queued while reports keep coming
+(up to 250 ms after the first) and writes it in one transaction. A request is still answered
+only once its data is committed, and a failed transaction fails every request in it (they
+retry), so nothing is half stored.
 """
 
 from __future__ import annotations
@@ -47,9 +48,17 @@ INLINE_DECODE_MAX_BYTES = 16 * 1024
 class RollupWriter:
     """One thread that adds queued metric deltas to the rollups, many requests per commit."""
 
-    def __init__(self, database: Database, *, linger_s: float = 0.05, max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        linger_s: float = 0.25,
+        quiet_s: float = 0.05,
+        max_batch: int = 500,
+    ) -> None:
         self._database = database
         self.linger_s = linger_s
+        self.quiet_s = quiet_s
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[
             tuple[dict[ingest.RollupKey, ingest.RollupDelta], concurrent.futures.Future[None]]
@@ -85,11 +94,13 @@ class RollupWriter:
                 return
             batch = [item]
             stop = False
-            # Linger a moment for more: at 100 reports a second, 50 ms make one transaction of
-            # about five (agents do not mind the wait; the database minds the commits).
+            # Linger for more while more keep coming: up to 250 ms while reports arrive less
+            # than 50 ms apart, so 100 reports a second make transactions of about 25 (each
+            # report cost half as much as in transactions of 5, measured), and a lone report
+            # waits 50 ms at most. Agents do not mind the wait; the database minds the commits.
             deadline = time.monotonic() + self.linger_s
             while len(batch) < self.max_batch:
-                remaining = deadline - time.monotonic()
+                remaining = min(deadline - time.monotonic(), self.quiet_s)
                 try:
                     more = (
                         self._queue.get(timeout=remaining)
