@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings
+from app.errors import DomainError
 
 if TYPE_CHECKING:
     from app.audit.service import ChainVerification
@@ -25,8 +26,12 @@ cli = typer.Typer(
 )
 db_cli = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 audit_cli = typer.Typer(help="Audit log commands.", no_args_is_help=True)
-token_cli = typer.Typer(help="The mesh join token agents present.", no_args_is_help=True)
+token_cli = typer.Typer(
+    help="The mesh join token agents present, and API tokens.", no_args_is_help=True
+)
+user_cli = typer.Typer(help="People who may sign in to the console.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
+cli.add_typer(user_cli, name="user")
 cli.add_typer(audit_cli, name="audit")
 cli.add_typer(token_cli, name="token")
 
@@ -117,6 +122,20 @@ def serve(
         f"(database: {_redact(settings.effective_database_url)})",
         err=True,
     )
+    if migrate:
+        from app.db import Database
+
+        database = Database(settings.effective_database_url)
+        try:
+            link = bootstrap_sign_in(settings, database)
+        finally:
+            database.dispose()
+        if link:
+            typer.echo(
+                f"no one can sign in yet: {settings.initial_admin_email} (admin) was created; "
+                f"open this one-time link within 30 minutes, then set a password:\n  {link}",
+                err=True,
+            )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -357,6 +376,130 @@ def token_rotate() -> None:
     typer.echo(f"join token replaced in {settings.effective_join_token_file}", err=True)
 
 
+def _with_database(settings: Settings) -> Database:
+    from app.db import Database
+
+    _prepare_database(settings)
+    return Database(settings.effective_database_url)
+
+
+def _sign_in_url(settings: Settings, secret: str) -> str:
+    return f"{settings.effective_public_url}/sign-in/link/{secret}"
+
+
+@user_cli.command("create")
+def user_create(
+    email: Annotated[str, typer.Argument(help="The person's e-mail address (their sign-in name).")],
+    admin: Annotated[bool, typer.Option("--admin", help="Same as --role admin.")] = False,
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+    team: Annotated[
+        list[str] | None, typer.Option("--team", help="A team they belong to (repeatable).")
+    ] = None,
+) -> None:
+    """Add a person and print a one-time sign-in link (valid 30 minutes); no password is set,
+    they choose one under "Your account"."""
+    from app.identity import service
+    from app.identity.principal import Principal
+    from app.identity.schemas import UserCreate
+
+    settings = _load_settings()
+    try:
+        data = UserCreate(email=email, role="admin" if admin else role, teams=team or [])
+    except ValidationError as exc:
+        _fail("; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()))
+    database = _with_database(settings)
+    try:
+        with database.session(write=True) as session:
+            try:
+                user = service.create_user(session, Principal.system("meshctl"), data)
+            except DomainError as exc:
+                _fail(exc.message)
+            secret = service.create_sign_in_link(session, user)
+            session.commit()
+    finally:
+        database.dispose()
+    typer.echo(f"{data.email} added as {data.role}. One-time sign-in link (30 minutes):", err=True)
+    typer.echo(_sign_in_url(settings, secret))
+
+
+@user_cli.command("link")
+def user_link(email: Annotated[str, typer.Argument(help="The person's e-mail address.")]) -> None:
+    """Print a new one-time sign-in link for an existing person (a forgotten password)."""
+    from app.identity import service
+
+    settings = _load_settings()
+    database = _with_database(settings)
+    try:
+        with database.session(write=True) as session:
+            user = service.find_user(session, email)
+            if user is None:
+                _fail(f"no user {email.strip().lower()}")
+            secret = service.create_sign_in_link(session, user)
+            session.commit()
+    finally:
+        database.dispose()
+    typer.echo(_sign_in_url(settings, secret))
+
+
+@token_cli.command("create")
+def token_create(
+    user: Annotated[str, typer.Option("--user", help="The person the token acts for.")],
+    name: Annotated[str, typer.Option(help="What the token is for (e.g. ci-deploy).")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin (at most theirs).")] = (
+        "viewer"
+    ),
+    team: Annotated[str | None, typer.Option(help="Narrow the token to one team.")] = None,
+    days: Annotated[int, typer.Option(min=1, max=3650, help="Days until it expires.")] = 90,
+) -> None:
+    """Create an API token for meshctl or automation and print it (this once). Use it as
+    MESH_TOKEN, or in ~/.config/mesh/token with mode 0600."""
+    from app.identity import service
+    from app.identity.principal import Principal
+    from app.identity.schemas import TokenCreate
+
+    settings = _load_settings()
+    try:
+        data = TokenCreate(name=name, role=role, team=team, expires_in_days=days)
+    except ValidationError as exc:
+        _fail("; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()))
+    database = _with_database(settings)
+    try:
+        with database.session(write=True) as session:
+            owner = service.find_user(session, user)
+            if owner is None:
+                _fail(f"no user {user.strip().lower()}")
+            try:
+                created = service.create_api_token(
+                    session, Principal.system("meshctl"), data, owner=owner
+                )
+            except DomainError as exc:
+                _fail(exc.message)
+            session.commit()
+    finally:
+        database.dispose()
+    typer.echo(created.secret)
+
+
+def bootstrap_sign_in(settings: Settings, database: Database) -> str | None:
+    """On an empty user table: an admin account and a one-time link to it, so the first
+    person can get in without any default password existing."""
+    from app.identity import service
+    from app.identity.principal import Principal
+    from app.identity.schemas import UserCreate
+
+    with database.session(write=True) as session:
+        if service.count_users(session):
+            return None
+        user = service.create_user(
+            session,
+            Principal.system("meshctl"),
+            UserCreate(email=settings.initial_admin_email, role="admin"),
+        )
+        secret = service.create_sign_in_link(session, user)
+        session.commit()
+    return _sign_in_url(settings, secret)
+
+
 def _server_url(server: str | None) -> str:
     if server:
         return server.rstrip("/")
@@ -369,9 +512,15 @@ def _api(method: str, server: str | None, path: str, **kwargs: Any) -> Any:
     """Call the JSON API; any failure is one line on stderr and exit code 2."""
     import httpx
 
+    from app.identity.cli_token import TokenFileError, auth_headers
+
     url = _server_url(server)
     try:
-        response = httpx.request(method, url + path, timeout=30.0, **kwargs)
+        headers = {**auth_headers(), **kwargs.pop("headers", {})}
+    except TokenFileError as exc:
+        _fail(str(exc))
+    try:
+        response = httpx.request(method, url + path, timeout=30.0, headers=headers, **kwargs)
     except httpx.HTTPError as exc:
         _fail(f"cannot reach the control plane at {url}: {exc.__class__.__name__}: {exc}")
     if response.status_code >= 400:

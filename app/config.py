@@ -90,6 +90,33 @@ class Settings(BaseSettings):
     audit_checkpoint_seconds: float = Field(default=60.0, gt=0)
     """... or after this many seconds, whichever comes first (and at shutdown)."""
 
+    # Sign-in and sessions
+    session_idle_minutes: float = Field(default=8 * 60, gt=0)
+    """A console session unused for this long ends ..."""
+    session_absolute_hours: float = Field(default=7 * 24, gt=0)
+    """... and every session ends this long after sign-in, however busy."""
+    sign_in_max_failures: int = Field(default=5, ge=1)
+    """Wrong passwords in a row that lock an account ..."""
+    sign_in_lockout_minutes: float = Field(default=15, gt=0)
+    """... for this long."""
+    initial_admin_email: str = "admin@mesh.local"
+    """The admin account ``meshctl serve`` creates when no one can sign in yet."""
+    public_url: str = ""
+    """How people reach the console (for printed sign-in links and the OIDC redirect);
+    empty means ``http://<host>:<port>``."""
+    oidc_issuer: str = ""
+    """OpenID Connect single sign-on: the provider's issuer URL (empty: off)."""
+    oidc_client_id: str = ""
+    oidc_client_secret: str = ""
+    oidc_scopes: str = "openid email profile"
+    oidc_teams_claim: str = "groups"
+    """The claim listing a person's teams (group names become team names)."""
+    oidc_role_claim: str = ""
+    """A claim holding "viewer", "operator" or "admin"; empty: use the group lists below."""
+    oidc_admin_groups: Annotated[list[str], NoDecode] = []
+    oidc_operator_groups: Annotated[list[str], NoDecode] = []
+    """Members of these groups get that role; everyone else who signs in is a viewer."""
+
     @field_validator("database_url")
     @classmethod
     def _only_known_databases(cls, value: str) -> str:
@@ -97,7 +124,7 @@ class Settings(BaseSettings):
             raise ValueError("MESH_DATABASE_URL must be an sqlite:// or postgresql:// URL")
         return value
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "oidc_admin_groups", "oidc_operator_groups", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -127,6 +154,15 @@ class Settings(BaseSettings):
         if listen not in ("0.0.0.0", "[::]"):
             defaults.insert(0, listen)
         return list(dict.fromkeys(defaults))
+
+    @property
+    def effective_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     @property
     def effective_secret_key_file(self) -> Path:

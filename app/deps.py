@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Database, session_scope
-from app.identity import actor_for_request
+from app.identity.auth import require_principal
+from app.identity.principal import Principal
 
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -34,5 +35,6 @@ def get_settings_dep(request: Request) -> Settings:
 # scope="function": commit before the response leaves, so a client that saw 201 can read
 # what it wrote on its very next request.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
-ActorDep = Annotated[str, Depends(actor_for_request)]
+# Who acts: a signed-in person or an API token; anyone else gets 401 (or the sign-in page).
+ActorDep = Annotated[Principal, Depends(require_principal)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

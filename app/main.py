@@ -8,13 +8,13 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import (
     http_exception_handler,
     request_validation_exception_handler,
 )
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +25,7 @@ from app.config import REPO_ROOT, Settings, get_settings
 from app.csrf import CsrfCookieMiddleware, CsrfTokens
 from app.db import Database
 from app.errors import DomainError, InvalidError
+from app.identity.auth import NotSignedInError, SessionCookies, require_principal
 from app.keys import load_or_create_key_file
 from app.middleware import (
     HostPolicy,
@@ -32,13 +33,13 @@ from app.middleware import (
     RequestOriginMiddleware,
     SecurityHeadersMiddleware,
 )
-from app.routers import API_ROUTERS, WEB_ROUTERS
+from app.routers import API_ROUTERS, OPEN_API_ROUTERS, OPEN_WEB_ROUTERS, WEB_ROUTERS
 from app.telemetry.asgi import OtlpIngestMiddleware
 from app.telemetry.read import EdgeWindowCache
 from app.telemetry.receiver import Receiver
 from app.telemetry.retention import Pruner
 from app.topology.layout import LayoutCache
-from app.web import render
+from app.web import is_htmx, render
 
 STATIC_DIR = REPO_ROOT / "static"
 
@@ -89,16 +90,21 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.edge_cache = EdgeWindowCache(database)
     app.state.layouts = LayoutCache()
     app.state.audit_trust = audit_trust
-    app.state.csrf = CsrfTokens(
-        load_or_create_key_file(
-            settings.effective_secret_key_file, lambda: secrets.token_hex(32).encode()
-        )
+    console_key = load_or_create_key_file(
+        settings.effective_secret_key_file, lambda: secrets.token_hex(32).encode()
     )
+    app.state.csrf = CsrfTokens(console_key)
+    app.state.session_cookies = SessionCookies(console_key)
 
-    for router in API_ROUTERS:
+    signed_in = [Depends(require_principal)]
+    for router in OPEN_API_ROUTERS:
         app.include_router(router)
-    for router in WEB_ROUTERS:
+    for router in API_ROUTERS:
+        app.include_router(router, dependencies=signed_in)
+    for router in OPEN_WEB_ROUTERS:
         app.include_router(router, include_in_schema=False)
+    for router in WEB_ROUTERS:
+        app.include_router(router, include_in_schema=False, dependencies=signed_in)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # OTLP ingest ahead of routing (innermost: the middleware below still wraps it).
     app.add_middleware(OtlpIngestMiddleware)
@@ -108,7 +114,17 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         return {"status": "ok"}
 
     @app.exception_handler(DomainError)
-    async def domain_error(request: Request, exc: DomainError) -> JSONResponse:
+    async def domain_error(request: Request, exc: DomainError) -> Response:
+        if isinstance(exc, NotSignedInError):
+            return _not_signed_in(request, exc)
+        if _wants_html(request) and not is_htmx(request):
+            title = "Not allowed" if exc.status_code == 403 else "Something is not right"
+            return render(
+                request,
+                "error.html",
+                {"title": title, "message": exc.message},
+                status_code=exc.status_code,
+            )
         body: dict[str, object] = {"detail": exc.message}
         if exc.field:
             body["field"] = exc.field
@@ -159,6 +175,18 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.add_middleware(RequestOriginMiddleware, policy=HostPolicy(settings.effective_allowed_hosts))
     app.add_middleware(SecurityHeadersMiddleware)
     return app
+
+
+def _not_signed_in(request: Request, exc: NotSignedInError) -> Response:
+    """People go to the sign-in page (and come back where they were); programs get 401."""
+    sign_in = f"/sign-in?next={exc.next_path}"
+    if is_htmx(request):
+        return Response(status_code=401, headers={"HX-Redirect": sign_in})
+    if _wants_html(request):
+        return RedirectResponse(sign_in, status_code=303)
+    return JSONResponse(
+        {"detail": exc.message}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
 def _wants_html(request: Request) -> bool:

@@ -54,6 +54,7 @@ from app.catalog.schemas import (
     VersionCreate,
 )
 from app.cli import ServerOption, _fail, _server_url, _table, cli
+from app.identity.cli_token import TokenFileError, auth_headers
 from app.policies.schemas import MeshDefaultsSpec, TrafficPolicySpec
 
 __all__ = ["API_VERSION", "ApiError", "Client", "make_client"]
@@ -106,7 +107,12 @@ class Client:
     def __init__(self, server: str | None, reason: str | None = None) -> None:
         self.url = _server_url(server)
         self.http = make_client(self.url)
-        self.headers = {"X-Mesh-Reason": reason} if reason else {}
+        try:
+            self.headers = auth_headers()
+        except TokenFileError as exc:
+            _fail(str(exc))
+        if reason:
+            self.headers["X-Mesh-Reason"] = reason
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:

@@ -12,6 +12,8 @@ from app.audit import api as audit_api
 from app.audit import web as audit_web
 from app.catalog import api as catalog_api
 from app.catalog import web as catalog_web
+from app.identity import api as identity_api
+from app.identity import web as identity_web
 from app.policies import api as policies_api
 from app.policies import web as policies_web
 from app.telemetry import api as telemetry_api
@@ -19,22 +21,32 @@ from app.telemetry import web as telemetry_web
 from app.topology import api as topology_api
 from app.topology import web as topology_web
 
-__all__ = ["API_ROUTERS", "WEB_ROUTERS"]
+__all__ = ["API_ROUTERS", "OPEN_API_ROUTERS", "OPEN_WEB_ROUTERS", "WEB_ROUTERS"]
 
-# JSON API, OTLP receiver, /metrics: documented in /openapi.json (where they say so).
+# Reachable without signing in, each with its own credential: agents' registration and
+# discovery and the OTLP receiver take the join token; /metrics is Prometheus' (counts only).
+OPEN_API_ROUTERS: list[APIRouter] = [
+    agents_api.agent_router,
+    telemetry_api.receiver,
+    metrics.router,
+]
+# The sign-in pages.
+OPEN_WEB_ROUTERS: list[APIRouter] = [identity_web.public_router]
+
+# JSON API for people and meshctl (a session or an API token): in /openapi.json.
 API_ROUTERS: list[APIRouter] = [
     catalog_api.router,
     policies_api.router,
     agents_api.router,
     audit_api.router,
-    telemetry_api.receiver,
     telemetry_api.router,
     topology_api.router,
-    metrics.router,
+    identity_api.router,
 ]
 
-# Console pages (HTML): left out of the OpenAPI document.
+# Console pages (HTML, signed in): left out of the OpenAPI document.
 WEB_ROUTERS: list[APIRouter] = [
+    identity_web.router,
     catalog_web.router,
     policies_web.router,
     agents_web.router,

@@ -22,6 +22,8 @@ from starlette.datastructures import FormData
 
 from app.config import REPO_ROOT
 from app.csrf import csrf_token, require_csrf_token
+from app.identity.auth import current_principal
+from app.identity.principal import Action, Principal, can
 
 __all__ = [
     "FLASH_COOKIE",
@@ -159,8 +161,22 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters.update(utc=utc, isoformat=isoformat, ago=ago, compact_json=compact_json)
-    env.globals.update(json_diff=json_diff, query_with=query_with, csrf_token=csrf_token)
+    env.globals.update(
+        json_diff=json_diff,
+        query_with=query_with,
+        csrf_token=csrf_token,
+        can=_can,
+        Action=Action,
+    )
     return env
+
+
+@jinja2.pass_context
+def _can(context: Any, action: str, team: str | None = None) -> bool:
+    """``{% if can(Action.CHANGE_SERVICE, service.owner_team) %}``: hide what the server would
+    refuse anyway (it checks again, in the service layer)."""
+    principal: Principal | None = context.get("principal")
+    return can(principal, action, team=team)
 
 
 templates = Jinja2Blocks(env=_environment())
@@ -195,7 +211,12 @@ def render(
 
     The flash message left by the previous redirect is shown (and cleared) on full pages only.
     """
-    ctx: dict[str, Any] = {"htmx": is_htmx(request), "flash": None, **(context or {})}
+    ctx: dict[str, Any] = {
+        "htmx": is_htmx(request),
+        "flash": None,
+        "principal": current_principal(request),
+        **(context or {}),
+    }
     if ctx["htmx"] and block_name is not None:
         names = [block_name] if isinstance(block_name, str) else list(block_name)
         response = templates.TemplateResponse(
@@ -218,7 +239,11 @@ def fragment(
     request: Request, template: str, block_name: str, context: dict[str, Any] | None = None
 ) -> Response:
     """One block, whoever asks: for URLs that only ever serve a piece of a page."""
-    ctx: dict[str, Any] = {"htmx": is_htmx(request), **(context or {})}
+    ctx: dict[str, Any] = {
+        "htmx": is_htmx(request),
+        "principal": current_principal(request),
+        **(context or {}),
+    }
     return templates.TemplateResponse(request, template, ctx, block_name=block_name)
 
 

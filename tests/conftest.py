@@ -10,6 +10,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -151,15 +152,99 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
     return Settings(data_dir=tmp_path, database_url=db_url, allowed_hosts=["testserver"])
 
 
+ADMIN_EMAIL = "admin@example.com"
+
+
+def person(email: str, role: str = "admin", teams: tuple[str, ...] = ()) -> Any:
+    """A principal for tests that call the service layer directly (an admin unless told)."""
+    from app.identity.principal import Principal, Role
+
+    return Principal(
+        kind="user", id=None, name=email, role=Role.parse(role), teams=frozenset(teams)
+    )
+
+
+def _quiet_user(session: Session, email: str, role: str, teams: tuple[str, ...]) -> Any:
+    """The user ``email``, inserted directly if new: test set-up, so it leaves no audit event
+    (tests count the events their own actions write)."""
+    from app.identity import service
+    from app.identity.models import Team, TeamMember, User
+
+    user = service.find_user(session, email)
+    if user is not None:
+        return user
+    user = User(email=email, role=role, display_name="", disabled=False, failed_sign_ins=0)
+    session.add(user)
+    session.flush()
+    for name in teams:
+        team = session.query(Team).filter_by(name=name).one_or_none()
+        if team is None:
+            team = Team(name=name)
+            session.add(team)
+            session.flush()
+        session.add(TeamMember(user_id=user.id, team_id=team.id))
+    session.flush()
+    return user
+
+
+def sign_in_as(
+    test_client: TestClient,
+    database: Database,
+    email: str,
+    *,
+    role: str = "admin",
+    teams: tuple[str, ...] = (),
+) -> None:
+    """Sign ``test_client`` in as ``email`` (created with ``role`` and ``teams`` if new),
+    through a one-time sign-in link as a person would."""
+    from app.identity import service
+
+    with database.session(write=True) as session:
+        user = _quiet_user(session, email, role, teams)
+        secret = service.create_sign_in_link(session, user)
+        session.commit()
+    answer = test_client.get(f"/sign-in/link/{secret}", follow_redirects=False)
+    assert answer.status_code == 303, answer.text
+
+
+def api_token(
+    database: Database, email: str, *, role: str = "admin", teams: tuple[str, ...] = ()
+) -> str:
+    """An API token acting for ``email`` (created with ``role`` and ``teams`` if new); set-up,
+    so written directly, without an audit event."""
+    import secrets
+
+    from app.identity import service
+    from app.identity.models import ApiToken
+
+    secret = service.API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with database.session(write=True) as session:
+        user = _quiet_user(session, email, role, teams)
+        session.add(
+            ApiToken(
+                kind="api",
+                name="tests",
+                token_hash=service.digest(secret),
+                prefix=secret[:11],
+                owner_id=user.id,
+                role=role,
+                created_by="tests",
+            )
+        )
+        session.commit()
+    return secret
+
+
 @pytest.fixture
 def client(settings: Settings, database: Database) -> Iterator[TestClient]:
-    """A browser that opened the console: it holds the CSRF cookie, sends the page's token (as
-    ``static/app.js`` does for htmx requests) and says where it comes from (a same-origin
-    Referer), so the Host, Origin and CSRF checks let it through. Tests of those checks use
-    ``bare_client``."""
+    """A browser signed in as an admin that opened the console: it holds the session and CSRF
+    cookies, sends the page's token (as ``static/app.js`` does for htmx requests) and says
+    where it comes from (a same-origin Referer), so the Host, Origin and CSRF checks let it
+    through. Tests of those checks use ``bare_client``."""
     from app.main import create_app
 
     with TestClient(create_app(settings, database)) as test_client:
+        sign_in_as(test_client, database, ADMIN_EMAIL)
         page = test_client.get("/services").text
         match = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
         assert match, "the console's pages carry no CSRF token"
@@ -170,7 +255,7 @@ def client(settings: Settings, database: Database) -> Iterator[TestClient]:
 
 @pytest.fixture
 def bare_client(settings: Settings, database: Database) -> Iterator[TestClient]:
-    """A client with no cookie and no Origin, Referer or token: curl, meshctl, an agent."""
+    """A client with no cookie and no Origin, Referer or token: curl, an agent, a stranger."""
     from app.main import create_app
 
     with TestClient(create_app(settings, database)) as test_client:

@@ -15,6 +15,7 @@ from app.catalog import service as catalog
 from app.catalog.schemas import ServiceCreate
 from app.cli import cli
 from app.db import Database
+from tests.conftest import person
 
 runner = CliRunner()
 
@@ -25,8 +26,8 @@ def env_for(db_url: str, tmp_path: Path) -> dict[str, str]:
 
 def test_audit_verify_ok_and_broken(db_url: str, tmp_path: Path, database: Database) -> None:
     with database.session(write=True) as session:
-        catalog.create_service(session, "a", data=ServiceCreate(name="one", owner_team="t"))
-        catalog.create_service(session, "a", data=ServiceCreate(name="two", owner_team="t"))
+        catalog.create_service(session, person("a"), data=ServiceCreate(name="one", owner_team="t"))
+        catalog.create_service(session, person("a"), data=ServiceCreate(name="two", owner_team="t"))
         session.commit()
 
     ok = runner.invoke(cli, ["audit", "verify"], env=env_for(db_url, tmp_path))

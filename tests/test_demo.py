@@ -6,6 +6,7 @@ from fastapi.testclient import TestClient
 
 from app.audit.service import verify_chain
 from app.db import Database, session_scope
+from app.demo.runner import plan_instances
 from app.demo.seed import seed_demo_catalog
 from app.demo.topology import SERVICES
 
@@ -29,3 +30,10 @@ def test_demo_seeds_once_and_is_audited(database: Database, client: TestClient) 
         assert verify_chain(session).ok
     page = client.get("/services", params={"namespace": "shop"})
     assert "recommendations" in page.text
+
+
+def test_inventory_runs_two_replicas_each_with_its_own_agent_state() -> None:
+    planned = plan_instances()
+    inventory = [i for i in planned if i.service == "inventory"]
+    assert [i.key for i in inventory] == ["inventory-v1", "inventory-v1-2"]
+    assert len(planned) == sum(len(s.versions) * s.replicas for s in SERVICES) + 1

@@ -17,16 +17,21 @@ from sqlalchemy import select
 
 from app.agents import service
 from app.agents.hub import PushHub
-from app.agents.models import ConfigChange
+from app.agents.join import JoinGrants
+from app.agents.models import Agent, ConfigChange
 from app.agents.schemas import AgentList, AgentRegistered
 from app.agents.status import SyncState
 from app.deps import SessionDep
 from app.errors import DomainError, NotFoundError
+from app.identity.principal import ForbiddenError
 from app.policies.schemas import ChangeRead
 from mesh_agent.protocol import AgentRegistration, DiscoveryRequest
 
 log = logging.getLogger("mesh.agents")
 
+# What agents call, with the join token (no console sign-in): registration and discovery.
+agent_router = APIRouter(prefix="/api/v1", tags=["agents"])
+# What people and meshctl read about agents and changes (signed in, like the rest of the API).
 router = APIRouter(prefix="/api/v1", tags=["agents"])
 
 
@@ -53,8 +58,15 @@ async def require_agent_token(request: Request, hub: HubDep) -> None:
     """Agents present the mesh join token as a bearer token; anything else is refused (401),
     counted, and logged at most once a minute (a misconfigured fleet must not flood the log)."""
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and presented and hub.token.check(presented.strip()):
-        return
+    presented = presented.strip()
+    if scheme.lower() == "bearer" and presented:
+        if hub.token.check(presented):
+            request.state.join_namespace = None  # the mesh-wide token file: any namespace
+            return
+        grant = await _join_grants(request).grant(presented)
+        if grant is not None:
+            request.state.join_namespace = grant.namespace
+            return
     hub.metrics.unauthorized.inc()
     now = time.monotonic()
     _last_auth_log[1] += 1
@@ -67,6 +79,14 @@ async def require_agent_token(request: Request, hub: HubDep) -> None:
         )
         _last_auth_log[0], _last_auth_log[1] = now, 0
     raise Unauthorized("a valid mesh join token is required (Authorization: Bearer <token>)")
+
+
+def _join_grants(request: Request) -> JoinGrants:
+    state = request.app.state
+    grants: JoinGrants | None = getattr(state, "join_grants", None)
+    if grants is None:
+        grants = state.join_grants = JoinGrants(state.database)
+    return grants
 
 
 AgentAuth = Depends(require_agent_token)
@@ -123,7 +143,7 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-@router.post(
+@agent_router.post(
     "/agents",
     response_model=AgentRegistered,
     dependencies=[AgentAuth, RegistrationSlot],
@@ -133,10 +153,16 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     openapi_extra=_body_schema(AgentRegistration),
 )
 def register_agent(
+    request: Request,
     session: SessionDep,
     hub: HubDep,
     data: Annotated[AgentRegistration, Depends(_registration)],
 ) -> AgentRegistered:
+    allowed = getattr(request.state, "join_namespace", None)
+    if allowed is not None and data.namespace != allowed:
+        raise ForbiddenError(
+            f"this join token admits agents of namespace {allowed!r} only, not {data.namespace!r}"
+        )
     state = service.register(session, data)
     session.commit()
     hub.status.put(state)
@@ -144,20 +170,25 @@ def register_agent(
     return AgentRegistered(agent_id=state.agent_id, poll_hold_s=hub.settings.poll_hold_s)
 
 
-@router.delete(
+@agent_router.delete(
     "/agents/{agent_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[AgentAuth],
     summary="Deregister an agent (called by mesh-agent when it shuts down)",
 )
-def deregister_agent(session: SessionDep, hub: HubDep, agent_id: str) -> Response:
+def deregister_agent(request: Request, session: SessionDep, hub: HubDep, agent_id: str) -> Response:
+    allowed = getattr(request.state, "join_namespace", None)
+    if allowed is not None:
+        namespace = session.scalar(select(Agent.namespace).where(Agent.agent_id == agent_id))
+        if namespace is not None and namespace != allowed:
+            raise ForbiddenError(f"this join token admits agents of namespace {allowed!r} only")
     service.deregister(session, agent_id)
     session.commit()
     hub.status.remove(agent_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post(
+@agent_router.post(
     "/agents/{agent_id}/discovery",
     dependencies=[AgentAuth],
     summary="Discovery long poll (called by mesh-agent)",

@@ -18,13 +18,14 @@ from app.catalog.schemas import InstanceCreate, ServiceCreate, VersionCreate
 from app.changes import touched
 from app.db import utcnow
 from app.errors import NotFoundError
+from app.identity.principal import Principal
 from mesh_agent.protocol import AgentRegistration
 
 UNOWNED_TEAM = "unowned"
 
 
-def agent_actor(agent_id: str) -> str:
-    return f"agent:{agent_id}"
+def agent_actor(agent_id: str) -> Principal:
+    return Principal.agent(agent_id)
 
 
 def register(session: Session, data: AgentRegistration) -> AgentState:
@@ -85,7 +86,7 @@ def register(session: Session, data: AgentRegistration) -> AgentState:
 
 
 def _ensure_instance(
-    session: Session, actor: str, service: Service, data: AgentRegistration, reason: str
+    session: Session, actor: Principal, service: Service, data: AgentRegistration, reason: str
 ) -> Instance:
     assert data.address is not None
     instance = next((i for i in service.instances if i.address == data.address), None)

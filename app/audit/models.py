@@ -26,6 +26,9 @@ class AuditEvent(Base):
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), unique=True)
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
     actor: Mapped[str] = mapped_column(String(255))
+    # "user:3", "token:7", "agent:<id>", "system:meshctl": names can be reused, ids cannot.
+    actor_id: Mapped[str] = mapped_column(String(127), default="")
+    client_address: Mapped[str] = mapped_column(String(64), default="")
     action: Mapped[str] = mapped_column(String(63))
     resource_kind: Mapped[str] = mapped_column(String(63))
     resource_name: Mapped[str] = mapped_column(String(255))

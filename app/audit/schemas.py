@@ -12,6 +12,8 @@ class AuditEventRead(BaseModel):
     seq: int
     occurred_at: datetime
     actor: str
+    actor_id: str
+    client_address: str
     action: str
     resource_kind: str
     resource_name: str

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.models import AuditEvent
 from app.db import utcnow
+from app.identity.principal import Principal
 from app.pagination import Page, paginate
 
 GENESIS_HASH = "0" * 64
@@ -37,6 +38,8 @@ HASHED_FIELDS = (
     "after",
     "reason",
     "prev_hash",
+    "actor_id",
+    "client_address",
 )
 
 # Any constant works; it only has to be the same for every writer of the chain.
@@ -55,21 +58,31 @@ def event_hash(
     after: dict[str, Any] | None,
     reason: str,
     prev_hash: str,
+    actor_id: str = "",
+    client_address: str = "",
 ) -> str:
-    """SHA-256 over a canonical JSON form of every field that matters."""
+    """SHA-256 over a canonical JSON form of every field that matters.
+
+    ``actor_id`` and ``client_address`` came with sign-in; they are hashed when set, so events
+    written before them keep the hashes they were written with."""
+    fields: dict[str, Any] = {
+        "seq": seq,
+        "occurred_at": occurred_at.isoformat(timespec="microseconds"),
+        "actor": actor,
+        "action": action,
+        "resource_kind": resource_kind,
+        "resource_name": resource_name,
+        "before": before,
+        "after": after,
+        "reason": reason,
+        "prev_hash": prev_hash,
+    }
+    if actor_id:
+        fields["actor_id"] = actor_id
+    if client_address:
+        fields["client_address"] = client_address
     canonical = json.dumps(
-        {
-            "seq": seq,
-            "occurred_at": occurred_at.isoformat(timespec="microseconds"),
-            "actor": actor,
-            "action": action,
-            "resource_kind": resource_kind,
-            "resource_name": resource_name,
-            "before": before,
-            "after": after,
-            "reason": reason,
-            "prev_hash": prev_hash,
-        },
+        fields,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -87,7 +100,7 @@ def _lock_chain(session: Session) -> None:
 
 def record(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     action: str,
     resource_kind: str,
@@ -105,7 +118,9 @@ def record(
     fields: dict[str, Any] = {
         "seq": seq,
         "occurred_at": occurred_at,
-        "actor": actor,
+        "actor": actor.actor,
+        "actor_id": actor.actor_id,
+        "client_address": actor.client_address,
         "action": action,
         "resource_kind": resource_kind,
         "resource_name": resource_name,

@@ -17,6 +17,8 @@ from app.catalog.schemas import InstanceCreate, Link, ServiceCreate, ServiceUpda
 from app.changes import touched
 from app.db import utcnow
 from app.errors import ConflictError, NotFoundError, StaleRevisionError
+from app.identity import teams
+from app.identity.principal import Action, Principal, authorize
 from app.pagination import Page, paginate
 
 SERVICE = "service"
@@ -84,8 +86,9 @@ def get_service(session: Session, namespace: str, name: str) -> Service:
 
 
 def create_service(
-    session: Session, actor: str, *, data: ServiceCreate, reason: str | None = None
+    session: Session, actor: Principal, *, data: ServiceCreate, reason: str | None = None
 ) -> Service:
+    authorize(actor, Action.CHANGE_SERVICE, team=data.owner_team)
     exists = session.scalar(
         select(Service.id).where(Service.namespace == data.namespace, Service.name == data.name)
     )
@@ -108,6 +111,7 @@ def create_service(
         versions=[],
         instances=[],
     )
+    teams.ensure_team(session, actor, data.owner_team)
     session.add(service)
     _flush_or_conflict(session, f"service {data.namespace}/{data.name} already exists", "name")
     touched(session, data.namespace, data.name)
@@ -126,7 +130,7 @@ def create_service(
 
 def update_service(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     namespace: str,
     name: str,
@@ -134,6 +138,11 @@ def update_service(
     reason: str | None = None,
 ) -> Service:
     service = get_service(session, namespace, name)
+    authorize(actor, Action.CHANGE_SERVICE, team=service.owner_team)
+    if data.owner_team is not None and data.owner_team != service.owner_team:
+        # Handing a service to another team needs the right to change that team's services.
+        authorize(actor, Action.CHANGE_SERVICE, team=data.owner_team)
+        teams.ensure_team(session, actor, data.owner_team)
     if data.revision != service.revision:
         raise StaleRevisionError(expected=data.revision, actual=service.revision)
     before = service.snapshot()
@@ -174,7 +183,7 @@ def update_service(
 
 def delete_service(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     namespace: str,
     name: str,
@@ -182,6 +191,7 @@ def delete_service(
     reason: str | None = None,
 ) -> None:
     service = get_service(session, namespace, name)
+    authorize(actor, Action.CHANGE_SERVICE, team=service.owner_team)
     if revision is not None and revision != service.revision:
         raise StaleRevisionError(expected=revision, actual=service.revision)
     before = service.snapshot()
@@ -216,7 +226,7 @@ def delete_service(
 
 def create_version(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     namespace: str,
     name: str,
@@ -224,6 +234,7 @@ def create_version(
     reason: str | None = None,
 ) -> Version:
     service = get_service(session, namespace, name)
+    authorize(actor, Action.CHANGE_SERVICE, team=service.owner_team)
     if any(version.name == data.name for version in service.versions):
         raise ConflictError(
             f"service {namespace}/{name} already has a version {data.name!r}", field="name"
@@ -247,7 +258,7 @@ def create_version(
 
 def delete_version(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     namespace: str,
     name: str,
@@ -255,6 +266,7 @@ def delete_version(
     reason: str | None = None,
 ) -> None:
     service = get_service(session, namespace, name)
+    authorize(actor, Action.CHANGE_SERVICE, team=service.owner_team)
     version = next((v for v in service.versions if v.name == version_name), None)
     if version is None:
         raise NotFoundError(f"service {namespace}/{name} has no version {version_name!r}")
@@ -280,7 +292,7 @@ def delete_version(
 
 def create_instance(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     namespace: str,
     name: str,
@@ -288,6 +300,7 @@ def create_instance(
     reason: str | None = None,
 ) -> Instance:
     service = get_service(session, namespace, name)
+    authorize(actor, Action.CHANGE_SERVICE, team=service.owner_team)
     if not any(version.name == data.version for version in service.versions):
         raise NotFoundError(
             f"service {namespace}/{name} has no version {data.version!r}; create it first",
@@ -319,7 +332,7 @@ def create_instance(
 
 def delete_instance(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     namespace: str,
     name: str,
@@ -327,6 +340,7 @@ def delete_instance(
     reason: str | None = None,
 ) -> None:
     service = get_service(session, namespace, name)
+    authorize(actor, Action.CHANGE_SERVICE, team=service.owner_team)
     instance = next((i for i in service.instances if i.address == address), None)
     if instance is None:
         raise NotFoundError(f"service {namespace}/{name} has no instance at {address}")

@@ -57,20 +57,34 @@ class PlannedInstance:
     inbound: int
     outbound: int
     admin: int
+    replica: int = 1
 
     @property
     def key(self) -> str:
-        return f"{self.service}-{self.version}"
+        suffix = f"-{self.replica}" if self.replica > 1 else ""
+        return f"{self.service}-{self.version}{suffix}"
 
 
 def plan_instances() -> list[PlannedInstance]:
     planned = [
-        PlannedInstance(s.name, v, _free_port(), _free_port(), _free_port(), _free_port())
+        PlannedInstance(s.name, v, _free_port(), _free_port(), _free_port(), _free_port(), n)
         for s in SERVICES
         for v in s.versions
+        for n in range(1, s.replicas + 1)
     ]
     planned.append(PlannedInstance(LOADGEN.name, "v1", 0, 0, _free_port(), _free_port()))
     return planned
+
+
+def _apps_command(rps: float, instances: list[PlannedInstance]) -> list[str]:
+    return [
+        PYTHON, "-m", "app.demo.apps", "--rps", str(rps),
+        *(
+            arg
+            for i in instances
+            for arg in ("--instance", f"{i.service}:{i.version}:{i.app_port}:{i.outbound}")
+        ),
+    ]  # fmt: skip
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -106,6 +120,9 @@ class Supervisor:
                 return name, code
         return None
 
+    def all_exited(self) -> list[tuple[str, int]]:
+        return [(name, code) for name, proc in self.children if (code := proc.poll()) is not None]
+
     def stop_all(self, timeout_s: float = 15.0) -> None:
         # Reverse order: agents deregister while the control plane still listens.
         for _, proc in reversed(self.children):
@@ -135,6 +152,13 @@ def _wait_http(url: str, supervisor: Supervisor, limit_s: float = 60.0) -> None:
     raise DemoError(f"{url} did not answer within {limit_s:.0f} s (see {supervisor.logs})")
 
 
+def _write_private(path: Path, text: str) -> None:
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text + "\n")
+
+
 def run_demo(
     settings: Settings,
     *,
@@ -145,7 +169,7 @@ def run_demo(
     from app.agents.token import JoinToken
     from app.audit.trust import build_audit_trust
     from app.db import Database, session_scope
-    from app.demo.seed import seed_demo_catalog
+    from app.demo.seed import NEWCOMER, seed_demo_catalog, seed_demo_people
 
     host, port = settings.host, settings.port
     if port_in_use(host, port):
@@ -168,6 +192,7 @@ def run_demo(
     try:
         for session in session_scope(database, write=True):
             seed_demo_catalog(session)
+            access = seed_demo_people(session)
         # Sign the seed's events now: the control plane's checkpointer was not listening yet.
         build_audit_trust(settings, database).checkpointer.checkpoint_quietly()
     finally:
@@ -175,6 +200,10 @@ def run_demo(
     token = JoinToken(settings.effective_join_token_file).ensure()
 
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    sign_in_url = f"{url}/sign-in/link/{access.sign_in_secret}"
+    # Also in files (0600), for scripts and tests that drive the demo.
+    _write_private(home / "sign-in-link", sign_in_url)
+    _write_private(home / "token", access.api_token)
     env = {
         **os.environ,
         "MESH_DATABASE_URL": database_url,
@@ -193,17 +222,18 @@ def run_demo(
         supervisor.start("control-plane", [PYTHON, "-m", "app", "serve", "--no-migrate"])
         _wait_http(f"{url}/healthz", supervisor)
         instances = plan_instances()
+        # The first replica of every app shares one process, to stay light; a further replica
+        # gets a process of its own, so that it can be killed alone and the mesh seen to
+        # route around it; the load generator too, so that its cost can be told apart.
         supervisor.start(
             "apps",
-            [
-                PYTHON, "-m", "app.demo.apps", "--rps", str(rps),
-                *(
-                    arg
-                    for i in instances
-                    for arg in ("--instance", f"{i.service}:{i.version}:{i.app_port}:{i.outbound}")
-                ),
-            ],
-        )  # fmt: skip
+            _apps_command(
+                rps, [i for i in instances if i.replica == 1 and i.service != LOADGEN.name]
+            ),
+        )
+        for i in instances:
+            if i.replica > 1 or i.service == LOADGEN.name:
+                supervisor.start(f"app-{i.key}", _apps_command(rps, [i]))
         for i in instances:
             cmd = [
                 PYTHON, "-m", "mesh_agent",
@@ -222,19 +252,27 @@ def run_demo(
             f"mesh demo: {len(SERVICES)} services, {len(instances)} agents, about {rps:g} "
             f"requests/s of traffic\n"
             f"  console  {url}   (topology, traffic, agents, traces)\n"
+            f"  sign in  {sign_in_url}\n"
+            f"           (one-time link, as {NEWCOMER}, an admin of this demo mesh)\n"
             f"  logs     {home / 'logs'}\n"
-            f"  try      meshctl canary catalog -n {DEMO_NAMESPACE} --weights v1=50,v2=50 "
-            f"--reason 'more canary' --server {url}\n"
+            f"  try      MESH_TOKEN=$(cat {home / 'token'}) meshctl canary catalog "
+            f"-n {DEMO_NAMESPACE} --weights v1=50,v2=50 --reason 'more canary' --server {url}\n"
             "Ctrl-C stops everything."
         )
+        reported: set[str] = set()
         while not stop["signal"]:
-            gone = supervisor.exited()
-            if gone is not None:
-                echo(
-                    f"mesh demo: {gone[0]} exited with code {gone[1]}; stopping (logs in "
-                    f"{home / 'logs'})"
-                )
-                return 1
+            for name, code in supervisor.all_exited():
+                if name == "control-plane":
+                    echo(
+                        f"mesh demo: {name} exited with code {code}; stopping (logs in "
+                        f"{home / 'logs'})"
+                    )
+                    return 1
+                if name not in reported:
+                    # A killed demo service is a fault to watch, not the end of the demo: its
+                    # callers' edges show the errors and their agents route around it.
+                    reported.add(name)
+                    echo(f"mesh demo: {name} exited with code {code}; the rest keeps running")
             time.sleep(0.2)
         echo("mesh demo: stopping")
         return 0

@@ -35,6 +35,9 @@ class DemoService:
     versions: dict[str, Behaviour]
     calls: tuple[Call, ...] = ()
     path: str = "/"
+    # Instances of each version. More than one shows the agents' containment: kill one and
+    # its callers eject it and retry on the other.
+    replicas: int = 1
 
     @property
     def dependencies(self) -> list[str]:
@@ -73,7 +76,9 @@ SERVICES: tuple[DemoService, ...] = (
         {"v1": Behaviour(4)},
         (Call("inventory", "/reserve"), Call("payments", "/charge"), Call("shipping", "/quote")),
     ),
-    DemoService("inventory", "orders", "Stock levels and reservations.", {"v1": Behaviour(5)}),
+    DemoService(
+        "inventory", "orders", "Stock levels and reservations.", {"v1": Behaviour(5)}, replicas=2
+    ),
     DemoService(
         "payments", "payments", "Card payments gateway adapter.", {"v1": Behaviour(25, 0.01)}
     ),

@@ -17,6 +17,7 @@ from app.catalog.models import Service
 from app.changes import MESH_WIDE, record_change, touched
 from app.db import utcnow
 from app.errors import ConflictError, InvalidError, NotFoundError, StaleRevisionError
+from app.identity.principal import Action, Principal, authorize
 from app.pagination import Page, paginate
 from app.policies.models import MeshDefaultsRevision, TrafficPolicyRevision
 from app.policies.schemas import (
@@ -49,12 +50,13 @@ def current_defaults(session: Session) -> tuple[MeshDefaultsSpec, MeshDefaultsRe
 
 def put_defaults(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     data: MeshDefaultsWrite,
     reason: str | None = None,
     reverted_from: int | None = None,
 ) -> MeshDefaultsRevision:
+    authorize(actor, Action.CHANGE_MESH)
     before, current = current_defaults(session)
     current_revision = current.revision if current else 0
     if data.revision != current_revision:
@@ -66,7 +68,7 @@ def put_defaults(
     row = MeshDefaultsRevision(
         revision=current_revision + 1,
         spec=spec,
-        actor=actor,
+        actor=actor.actor,
         reason=reason or "",
         reverted_from=reverted_from,
         created_at=utcnow(),
@@ -88,7 +90,7 @@ def put_defaults(
         service="",
         kind="defaults",
         revision=row.revision,
-        actor=actor,
+        actor=actor.actor,
         reason=reason or "",
         summary=f"mesh defaults revision {row.revision}"
         + (f" (revert to {reverted_from})" if reverted_from is not None else ""),
@@ -102,8 +104,9 @@ def put_defaults(
 
 
 def revert_defaults(
-    session: Session, actor: str, *, data: RevertRequest, reason: str | None = None
+    session: Session, actor: Principal, *, data: RevertRequest, reason: str | None = None
 ) -> MeshDefaultsRevision:
+    authorize(actor, Action.CHANGE_MESH)
     target = session.scalar(
         select(MeshDefaultsRevision).where(MeshDefaultsRevision.revision == data.to)
     )
@@ -179,7 +182,7 @@ def validate_policy(
 
 def put_policy(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     namespace: str,
     name: str,
@@ -192,6 +195,7 @@ def put_policy(
     """Store ``data.spec`` as the next revision. An unchanged spec stores nothing (and pushes
     nothing): returns the current revision and no change."""
     service, current, before = get_policy(session, namespace, name)
+    authorize(actor, Action.CHANGE_SERVICE, team=service.owner_team)
     current_revision = current.revision if current else 0
     if data.revision != current_revision:
         raise StaleRevisionError(expected=data.revision, actual=current_revision)
@@ -204,7 +208,7 @@ def put_policy(
         service_id=service.id,
         revision=current_revision + 1,
         spec=after,
-        actor=actor,
+        actor=actor.actor,
         reason=reason or "",
         reverted_from=reverted_from,
         created_at=utcnow(),
@@ -227,7 +231,7 @@ def put_policy(
         service=name,
         kind=kind,
         revision=row.revision,
-        actor=actor,
+        actor=actor.actor,
         reason=reason or "",
         summary=summary or f"traffic policy revision {row.revision}",
         created_at=row.created_at,
@@ -261,7 +265,7 @@ def with_weights(spec: TrafficPolicySpec, weights: dict[str, int]) -> TrafficPol
 
 def set_weights(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     namespace: str,
     name: str,
@@ -270,6 +274,7 @@ def set_weights(
 ) -> tuple[TrafficPolicyRevision, ConfigChange | None]:
     """The canary control: move the catch-all route's split, keep every other route."""
     service, current, spec = get_policy(session, namespace, name)
+    authorize(actor, Action.CHANGE_SERVICE, team=service.owner_team)
     current_revision = current.revision if current else 0
     if data.revision is not None and data.revision != current_revision:
         raise StaleRevisionError(expected=data.revision, actual=current_revision)
@@ -301,7 +306,7 @@ def set_weights(
 
 def revert_policy(
     session: Session,
-    actor: str,
+    actor: Principal,
     *,
     namespace: str,
     name: str,
@@ -309,6 +314,7 @@ def revert_policy(
     reason: str | None = None,
 ) -> tuple[TrafficPolicyRevision, ConfigChange | None]:
     service = catalog.get_service(session, namespace, name)
+    authorize(actor, Action.CHANGE_SERVICE, team=service.owner_team)
     if data.to == 0:
         spec = TrafficPolicySpec()
     else:

@@ -25,6 +25,8 @@ from app.catalog import service as catalog
 from app.catalog.models import Service
 from app.deps import ActorDep, SessionDep
 from app.errors import DomainError, InvalidError, NotFoundError, StaleRevisionError
+from app.identity.auth import current_principal
+from app.identity.principal import Action, can
 from app.pagination import Page
 from app.policies import service as policies
 from app.policies.api import effective_config
@@ -454,6 +456,12 @@ def _editor_page(
         "previewed": False,
         "alert": None,
     }
+    principal = current_principal(request)
+    service = context.get("service")
+    if service is not None:
+        base["may_change"] = can(principal, Action.CHANGE_SERVICE, team=service.owner_team)
+    else:
+        base["may_change"] = can(principal, Action.CHANGE_MESH)
     return render(
         request, "policies/editor.html", {**base, **context}, block, status_code=status_code
     )

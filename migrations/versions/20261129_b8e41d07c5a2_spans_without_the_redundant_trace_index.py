@@ -5,7 +5,7 @@ column); the second index on trace_id alone was one more random-order B-tree wri
 stored span, and spans are the table ingest writes most.
 
 Revision ID: b8e41d07c5a2
-Revises: 3f1d6c0a9b52
+Revises: 9b4e2f7c1a60
 Create Date: 2026-11-29 05:00:00
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "b8e41d07c5a2"
-down_revision: str | None = "3f1d6c0a9b52"
+down_revision: str | None = "9b4e2f7c1a60"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

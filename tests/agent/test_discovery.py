@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from app.config import Settings
-from app.db import make_engine
+from app.db import Database, make_engine
 from app.main import create_app
 from app.migrate import upgrade
 from mesh_agent import discovery
@@ -28,6 +28,7 @@ from mesh_agent.control import ConfigStore
 from mesh_agent.discovery import ControlPlaneSource, stable_agent_id
 from mesh_agent.protocol import AgentRegistration, ConfigIssue
 from tests.agent.support import run, wait_until
+from tests.conftest import ADMIN_EMAIL, api_token
 
 
 @dataclass
@@ -61,7 +62,10 @@ def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
         assert time.monotonic() < deadline, "control plane did not start"
         time.sleep(0.02)
     token = (tmp_path / "join-token").read_text().strip()
-    with httpx.Client(base_url=base, timeout=10) as api:
+    database = Database(url)
+    operator = {"Authorization": f"Bearer {api_token(database, ADMIN_EMAIL)}"}
+    database.dispose()
+    with httpx.Client(base_url=base, timeout=10, headers=operator) as api:
         api.post("/api/v1/services", json={"name": "reviews", "owner_team": "books"})
         for v in ("v1", "v2"):
             api.post("/api/v1/services/reviews/versions", json={"name": v})

@@ -58,7 +58,7 @@ def test_agents_without_the_join_token_are_refused(cp: TestClient) -> None:
 
 
 def test_a_rotated_token_refuses_the_old_one(cp: TestClient) -> None:
-    old = cp.headers["Authorization"]
+    old = f"Bearer {cp.join_token}"  # type: ignore[attr-defined]
     new = cp.app.state.hub.token.rotate()  # type: ignore[attr-defined]
     body = registration("reviews", "v1", "127.0.0.1:9001")
     assert cp.post("/api/v1/agents", json=body, headers={"Authorization": old}).status_code == 401

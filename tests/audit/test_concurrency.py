@@ -11,6 +11,7 @@ from app.audit.service import verify_chain
 from app.catalog import service as catalog
 from app.catalog.schemas import ServiceCreate
 from app.db import Database, session_scope
+from tests.conftest import person
 
 WRITERS = 8
 SERVICES_PER_WRITER = 5
@@ -22,7 +23,7 @@ def test_parallel_writers_form_a_single_chain(database: Database) -> None:
             for session in session_scope(database, write=True):
                 catalog.create_service(
                     session,
-                    f"writer-{worker}",
+                    person(f"writer-{worker}"),
                     data=ServiceCreate(name=f"svc-{worker}-{index}", owner_team="load"),
                 )
 

@@ -11,8 +11,9 @@ from app.audit import service as audit
 from app.audit.models import AuditEvent
 from app.catalog import service as catalog
 from app.catalog.schemas import ServiceCreate, ServiceUpdate
+from tests.conftest import person
 
-ACTOR = "bob@example.com"
+ACTOR = person("bob@example.com")
 
 
 def seed_three_events(session: Session) -> None:
@@ -97,7 +98,9 @@ def test_deleted_last_event_cannot_be_hidden_by_rehashing_one(session: Session) 
 
 def test_filters(session: Session) -> None:
     seed_three_events(session)
-    catalog.create_service(session, "carol", data=ServiceCreate(name="other", owner_team="a"))
+    catalog.create_service(
+        session, person("carol"), data=ServiceCreate(name="other", owner_team="a")
+    )
     session.commit()
     assert audit.list_events(session, actor="carol").total == 1
     assert audit.list_events(session, resource_name="default/ratings").total == 3

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -77,6 +77,41 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float 
 
 # Where the session's live server keeps its data (its join token, for tests that act as agents).
 LIVE_SERVER_DATA: dict[str, Path] = {}
+LIVE_SERVER_ENV: dict[str, str] = {}
+_PEOPLE: set[tuple[str, str]] = set()
+
+
+def sign_in_path(
+    email: str,
+    *,
+    role: str = "admin",
+    teams: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> str:
+    """A one-time sign-in path (``/sign-in/link/…``) for ``email`` on the server whose
+    environment is ``env`` (default: the live server), made with ``meshctl user create`` (or
+    ``user link``) as an admin would."""
+    env = env or LIVE_SERVER_ENV
+    known = (env["MESH_DATA_DIR"], email)
+    if known in _PEOPLE:
+        args = ["user", "link", email]
+    else:
+        args = ["user", "create", email, "--role", role, *(a for t in teams for a in ("--team", t))]
+    done = subprocess.run([*meshctl(), *args], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    _PEOPLE.add(known)
+    return "/sign-in/link/" + done.stdout.strip().rsplit("/sign-in/link/", 1)[1]
+
+
+def admin_token(env: dict[str, str]) -> str:
+    """An API token of the admin ``meshctl serve`` created on its empty database."""
+    done = subprocess.run(
+        [*meshctl(), "token", "create", "--user", "admin@mesh.local", "--name", "browser-tests",
+         "--role", "admin"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +124,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "MESH_DATABASE_URL": f"sqlite:///{data_dir / 'mesh.db'}",
         "MESH_DATA_DIR": str(data_dir),
     }
+    LIVE_SERVER_ENV.update(env)
     log = (data_dir / "server.log").open("wb")
     process = subprocess.Popen(
         [*meshctl(), "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -126,9 +162,23 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
+@pytest.fixture(scope="session")
+def admin_storage(browser: Browser, live_server: str) -> Any:
+    """Cookies of an admin signed in once, shared by the pages of every test."""
+    context = browser.new_context(base_url=live_server)
+    page = context.new_page()
+    page.goto(sign_in_path("admin@example.com"))
+    assert "/sign-in" not in page.url, page.url
+    state = context.storage_state()
+    context.close()
+    return state
+
+
 @pytest.fixture
-def page(browser: Browser, live_server: str) -> Iterator[Page]:
-    context = browser.new_context(base_url=live_server, viewport={"width": 1280, "height": 860})
+def page(browser: Browser, live_server: str, admin_storage: Any) -> Iterator[Page]:
+    context = browser.new_context(
+        base_url=live_server, viewport={"width": 1280, "height": 860}, storage_state=admin_storage
+    )
     context.set_default_timeout(10_000)
     page = context.new_page()
     yield page

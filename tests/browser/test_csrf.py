@@ -8,6 +8,8 @@ import re
 import pytest
 from playwright.sync_api import Browser, expect
 
+from tests.browser.conftest import sign_in_path
+
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 
 
@@ -16,6 +18,7 @@ def test_a_plain_form_post_without_javascript_carries_the_token(
 ) -> None:
     context = browser.new_context(base_url=live_server, java_script_enabled=False)
     page = context.new_page()
+    page.goto(sign_in_path("nojs@example.com"))
     page.goto("/services/new")
     page.get_by_role("textbox", name="Name", exact=True).fill("nojs-checkout")
     page.get_by_label("Owner team").fill("payments")
@@ -37,6 +40,7 @@ def test_forms_without_the_token_or_from_another_origin_are_refused(
 ) -> None:
     context = browser.new_context()
     page = context.new_page()
+    page.goto(live_server + sign_in_path("victim@example.com"))
     page.goto(f"{live_server}/services")  # the victim has the console open: cookie set
 
     # Markup injected into the console's own origin: same origin, but no token.

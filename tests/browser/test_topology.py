@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.browser.conftest import REPO_ROOT, free_port, meshctl, wait_until_ready
+from tests.browser.conftest import (
+    REPO_ROOT,
+    free_port,
+    meshctl,
+    sign_in_path,
+    wait_until_ready,
+)
 from tests.topology.support import seed_mesh
 
 if TYPE_CHECKING:
@@ -20,6 +26,7 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 
+SERVER_ENV: dict[str, str] = {}
 GRAPH_READY = "() => window.meshTopology && window.meshTopology.nodes().length > 0"
 
 
@@ -30,6 +37,7 @@ def mesh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     seed_mesh(url)
     port = free_port()
     env = {**os.environ, "MESH_DATABASE_URL": url, "MESH_DATA_DIR": str(data_dir)}
+    SERVER_ENV.update(env)
     with (data_dir / "server.log").open("wb") as log:
         process = subprocess.Popen(
             [*meshctl(), "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -56,6 +64,7 @@ def page(browser: Browser, mesh_server: str) -> Iterator[Page]:
     context = browser.new_context(base_url=mesh_server, viewport={"width": 1400, "height": 900})
     context.set_default_timeout(10_000)
     page = context.new_page()
+    page.goto(sign_in_path("topology@example.com", role="viewer", env=SERVER_ENV))
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)

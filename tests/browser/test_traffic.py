@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.browser.conftest import REPO_ROOT, free_port, meshctl, wait_until_ready
+from tests.browser.conftest import (
+    REPO_ROOT,
+    admin_token,
+    free_port,
+    meshctl,
+    sign_in_path,
+    wait_until_ready,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -38,15 +45,22 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+OPERATOR: dict[str, str] = {}
+MESH_ENV: dict[str, str] = {}
+
+
 def _agents(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url + "/api/v1/agents", timeout=2) as response:
+    request = urllib.request.Request(url + "/api/v1/agents", headers=OPERATOR)
+    with urllib.request.urlopen(request, timeout=2) as response:
         result: dict[str, Any] = json.load(response)
         return result
 
 
 def _post(url: str, body: dict[str, Any]) -> None:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **OPERATOR},
     )
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.status == 201
@@ -86,6 +100,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ]
     try:
         wait_until_ready(url, processes[0], timeout=60)
+        OPERATOR["Authorization"] = f"Bearer {admin_token(env)}"
+        MESH_ENV.update(env)
         # v1 then v2, so v2 is the newest version (the default canary candidate), whichever
         # agent registers first.
         _post(url + "/api/v1/services", {"name": "reviews", "owner_team": "shop"})
@@ -124,6 +140,10 @@ def console(browser: Browser, mesh: str) -> Iterator[Page]:
     context = browser.new_context(base_url=mesh, viewport={"width": 1280, "height": 900})
     context.set_default_timeout(10_000)
     page = context.new_page()
+    # An operator of the team that owns reviews (the fixture's catalog entry: team "shop").
+    page.goto(
+        sign_in_path("shop-oncall@example.com", role="operator", teams=("shop",), env=MESH_ENV)
+    )
     yield page
     context.close()
 

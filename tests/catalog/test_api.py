@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.db import Database
 from app.main import create_app
+from tests.conftest import ADMIN_EMAIL, api_token
 
 API = "/api/v1/services"
 
@@ -214,6 +215,7 @@ def test_chunked_oversized_bodies_get_413_on_json_and_form_routes(
         yield b'"}'
 
     with TestClient(create_app(small, database)) as small_client:
+        small_client.headers["Authorization"] = f"Bearer {api_token(database, ADMIN_EMAIL)}"
         api = small_client.post(API, content=chunks(), headers={"content-type": "application/json"})
         assert api.status_code == 413
         form = small_client.post(

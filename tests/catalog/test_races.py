@@ -26,6 +26,7 @@ from app.catalog.models import Service
 from app.catalog.schemas import ServiceCreate, ServiceUpdate
 from app.db import Database, make_engine, session_scope
 from app.errors import StaleRevisionError
+from tests.conftest import person
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def second_writer(database: Database, db_url: str) -> Iterator[Session]:
 def service(database: Database) -> None:
     for session in session_scope(database, write=True):
         catalog.create_service(
-            session, "creator", data=ServiceCreate(name="reviews", owner_team="bookinfo")
+            session, person("creator"), data=ServiceCreate(name="reviews", owner_team="bookinfo")
         )
 
 
@@ -52,7 +53,7 @@ def first_writer_edits(database: Database) -> None:
     for session in session_scope(database, write=True):
         catalog.update_service(
             session,
-            "alice",
+            person("alice"),
             namespace="default",
             name="reviews",
             data=ServiceUpdate(revision=1, owner_team="alice-team"),
@@ -81,7 +82,7 @@ def test_an_update_from_a_stale_read_is_refused_at_flush(
     with pytest.raises(StaleRevisionError) as refused:
         catalog.update_service(
             second_writer,
-            "bob",
+            person("bob"),
             namespace="default",
             name="reviews",
             data=ServiceUpdate(revision=1, owner_team="bob-team"),
@@ -104,7 +105,7 @@ def test_a_delete_racing_an_edit_is_refused(database: Database, second_writer: S
     event.listen(second_writer, "do_orm_execute", commit_the_edit_first)
     with pytest.raises(StaleRevisionError) as refused:
         catalog.delete_service(
-            second_writer, "bob", namespace="default", name="reviews", revision=1
+            second_writer, person("bob"), namespace="default", name="reviews", revision=1
         )
     second_writer.rollback()
     assert refused.value.status_code == 409

@@ -14,8 +14,9 @@ from app.catalog.models import Service
 from app.catalog.schemas import InstanceCreate, ServiceCreate, ServiceUpdate, VersionCreate
 from app.db import Database
 from app.errors import ConflictError, NotFoundError, StaleRevisionError
+from tests.conftest import person
 
-ACTOR = "alice@example.com"
+ACTOR = person("alice@example.com")
 
 
 def make_service(session: Session, name: str = "reviews", **fields: object) -> Service:
@@ -35,7 +36,7 @@ def test_create_records_audit_event_with_after_state(session: Session) -> None:
     events = session.scalars(select(AuditEvent)).all()
     assert len(events) == 1
     event = events[0]
-    assert event.actor == ACTOR
+    assert event.actor == ACTOR.actor
     assert event.action == "service.create"
     assert event.resource_name == "default/reviews"
     assert event.before is None

@@ -130,6 +130,15 @@ class Mesh:
         wait_until(self._cp_up, 60, f"control plane\n{self.cp.log()}")
         token_file = Path(self.env["MESH_DATA_DIR"]) / "join-token"
         self.token = token_file.read_text().strip()
+        if "MESH_TOKEN" not in self.env:
+            # The operator: an admin's API token, for self.api and meshctl. `meshctl serve`
+            # created the admin account, since no one could sign in yet.
+            made = self.meshctl(
+                "token", "create", "--user", "admin@mesh.local", "--name", "e2e", "--role", "admin"
+            )
+            assert made.returncode == 0, made.stderr
+            self.env["MESH_TOKEN"] = made.stdout.strip()
+            self.api.headers["Authorization"] = f"Bearer {self.env['MESH_TOKEN']}"
 
     def _cp_up(self) -> bool:
         if not self.cp.alive():

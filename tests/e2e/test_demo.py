@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from tests.e2e.mesh import MESHCTL, free_port, wait_until
 # Real processes on a loaded 2-core machine: the default 120 s per test is too tight.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
-AGENTS = sum(len(s.versions) for s in SERVICES) + 1  # + the load generator's
+AGENTS = sum(len(s.versions) * s.replicas for s in SERVICES) + 1  # + the load generator's
 
 
 def processes_mentioning(marker: str) -> list[str]:
@@ -55,13 +56,23 @@ class Demo:
             text=True,
         )
 
+    @property
+    def token(self) -> str:
+        """The newcomer's meshctl token the demo wrote (a new one each run)."""
+        return (self.tmp / "data" / "demo" / "token").read_text().strip()
+
+    def get(self, path: str, **params: Any) -> Any:
+        """The JSON API, as the newcomer (the demo's admin)."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        return httpx.get(self.url + path, params=params, headers=headers, timeout=5).json()
+
     def synced(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(
                 f"demo exited: {self.proc.stdout.read() if self.proc.stdout else ''}"
             )
-        counts = httpx.get(self.url + "/api/v1/agents", timeout=2).json()["counts"]
+        counts = self.get("/api/v1/agents")["counts"]
         return bool(counts["SYNCED"] == AGENTS)
 
     def stop(self) -> str:
@@ -101,17 +112,16 @@ EXPECTED_EDGES = {
 }
 
 
-def edges(url: str) -> set[tuple[str, str]]:
-    graph = httpx.get(url + "/api/v1/topology", params={"window": "5m", "namespace": "shop"}).json()
+def edges(demo: Demo) -> set[tuple[str, str]]:
+    graph = demo.get("/api/v1/topology", window="5m", namespace="shop")
     service = {n["id"]: n["service"] for n in graph["nodes"]}
     return {(service[e["source"]], service[e["target"]]) for e in graph["edges"]}
 
 
-def v2_share(url: str) -> float:
-    metrics = httpx.get(
-        url + "/api/v1/services/catalog/metrics",
-        params={"namespace": "shop", "window": "1m", "by": "version"},
-    ).json()
+def v2_share(demo: Demo) -> float:
+    metrics = demo.get(
+        "/api/v1/services/catalog/metrics", namespace="shop", window="1m", by="version"
+    )
     requests = {v["version"]: v["totals"]["requests"] for v in metrics["versions"]}
     total = sum(requests.values())
     return requests.get("v2", 0) / total if total else 0.0
@@ -121,22 +131,23 @@ def test_the_demo_comes_up_converges_and_stops_cleanly(demo: Demo) -> None:
     demo.start()
     wait_until(demo.synced, 120, f"{AGENTS} agents SYNCED")
     # The agents report to the console: the expected calls show up as edges, with traces.
-    wait_until(lambda: edges(demo.url) >= EXPECTED_EDGES, 90, "the demo's edges")
-    traces = httpx.get(demo.url + "/api/v1/traces", params={"service": "frontend"}).json()
+    wait_until(lambda: edges(demo) >= EXPECTED_EDGES, 90, "the demo's edges")
+    traces = demo.get("/api/v1/traces", service="frontend")
     assert traces["items"], "no trace of the frontend"
-    assert v2_share(demo.url) < 0.4  # the seeded canary: 10 % to v2
+    assert v2_share(demo) < 0.4  # the seeded canary: 10 % to v2
 
     canary = subprocess.run(
         [*MESHCTL, "canary", "catalog", "-n", "shop", "--weights", "v1=10,v2=90",
          "--reason", "more canary", "--server", demo.url],
-        env=demo.env, capture_output=True, text=True, timeout=90,
+        env={**demo.env, "MESH_TOKEN": demo.token}, capture_output=True, text=True, timeout=90,
     )  # fmt: skip
     assert canary.returncode == 0, canary.stderr
     assert f"{AGENTS}/{AGENTS} agents synced in" in canary.stdout
-    wait_until(lambda: v2_share(demo.url) > 0.5, 120, "v2's share of catalog traffic rising")
+    wait_until(lambda: v2_share(demo) > 0.5, 120, "v2's share of catalog traffic rising")
 
     out = demo.stop()
     assert "console  " + demo.url in out
+    assert "sign in  " + demo.url + "/sign-in/link/" in out
     assert processes_mentioning(str(demo.tmp)) == []
     with (
         socket.socket() as s
@@ -147,9 +158,9 @@ def test_the_demo_comes_up_converges_and_stops_cleanly(demo: Demo) -> None:
     # A second run starts from a fresh mesh, not from the first run's leftovers.
     demo.start()
     wait_until(demo.synced, 120, "second run SYNCED")
-    assert httpx.get(demo.url + "/api/v1/agents").json()["total"] == AGENTS
-    changes = httpx.get(demo.url + "/api/v1/services/catalog/changes", params={"namespace": "shop"})
-    assert [c["summary"] for c in changes.json()] == ["v1 90 %, v2 10 %"]
+    assert demo.get("/api/v1/agents")["total"] == AGENTS
+    changes = demo.get("/api/v1/services/catalog/changes", namespace="shop")
+    assert [c["summary"] for c in changes] == ["v1 90 %, v2 10 %"]
     demo.stop()
     assert processes_mentioning(str(demo.tmp)) == []
 

@@ -11,22 +11,29 @@ from app.db import Database
 from app.errors import StaleRevisionError
 from app.policies import service as policies
 from app.policies.schemas import TrafficPolicySpec, TrafficPolicyWrite, WeightsWrite
+from tests.conftest import person
 
 
 def test_concurrent_writers_of_the_same_revision_cannot_both_win(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with database.session(write=True) as session:
-        catalog.create_service(session, "t", data=ServiceCreate(name="reviews", owner_team="a"))
+        catalog.create_service(
+            session, person("t"), data=ServiceCreate(name="reviews", owner_team="a")
+        )
         for v in ("v1", "v2"):
             catalog.create_version(
-                session, "t", namespace="default", name="reviews", data=VersionCreate(name=v)
+                session,
+                person("t"),
+                namespace="default",
+                name="reviews",
+                data=VersionCreate(name=v),
             )
         session.commit()
     with database.session(write=True) as first:
         policies.set_weights(
             first,
-            "alice",
+            person("alice"),
             namespace="default",
             name="reviews",
             data=WeightsWrite(weights={"v1": 90, "v2": 10}, revision=0),
@@ -37,7 +44,7 @@ def test_concurrent_writers_of_the_same_revision_cannot_both_win(
     with database.session(write=True) as second, pytest.raises(StaleRevisionError):
         policies.put_policy(
             second,
-            "bob",
+            person("bob"),
             namespace="default",
             name="reviews",
             data=TrafficPolicyWrite(revision=0, spec=TrafficPolicySpec()),

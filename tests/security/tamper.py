@@ -45,10 +45,12 @@ def forge_and_rehash(database: Database, seq: int, *, actor: str = "mallory") ->
         connection = sqlite3.connect(path)
         for row in forged:
             connection.execute(
-                "INSERT OR REPLACE INTO audit_events (id, seq, occurred_at, actor, action, "
-                "resource_kind, resource_name, before, after, reason, prev_hash, hash) "
-                "SELECT id, seq, occurred_at, ?, action, resource_kind, resource_name, before, "
-                "after, reason, ?, ? FROM audit_events WHERE seq = ?",
+                "INSERT OR REPLACE INTO audit_events (id, seq, occurred_at, actor, actor_id, "
+                "client_address, action, resource_kind, resource_name, before, after, reason, "
+                "prev_hash, hash) "
+                "SELECT id, seq, occurred_at, ?, actor_id, client_address, action, "
+                "resource_kind, resource_name, before, after, reason, ?, ? "
+                "FROM audit_events WHERE seq = ?",
                 (row["actor"], row["prev_hash"], row["hash"], row["seq"]),
             )
         connection.commit()

@@ -14,6 +14,7 @@ from app.catalog import service as catalog
 from app.catalog.schemas import ServiceCreate
 from app.cli import cli
 from app.db import Database
+from tests.conftest import person
 from tests.security.tamper import forge_and_rehash
 
 runner = CliRunner()
@@ -27,7 +28,7 @@ def seed(database: Database, count: int = 3) -> None:
     with database.session(write=True) as session:
         for index in range(count):
             catalog.create_service(
-                session, "a", data=ServiceCreate(name=f"s{index}", owner_team="t")
+                session, person("a"), data=ServiceCreate(name=f"s{index}", owner_team="t")
             )
         session.commit()
 

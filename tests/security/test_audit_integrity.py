@@ -25,9 +25,10 @@ from app.catalog.schemas import ServiceCreate
 from app.config import Settings
 from app.db import Database, utcnow
 from app.main import create_app
+from tests.conftest import ADMIN_EMAIL, api_token, person
 from tests.security.tamper import forge_and_rehash, guards_off
 
-ACTOR = "alice@example.com"
+ACTOR = person("alice@example.com")
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ def test_replace_over_an_existing_event_is_refused(session: Session) -> None:
     with pytest.raises(DBAPIError, match="append-only"):
         session.execute(text(statement))
     session.rollback()
-    assert session.scalar(text("SELECT actor FROM audit_events WHERE seq = 1")) == ACTOR
+    assert session.scalar(text("SELECT actor FROM audit_events WHERE seq = 1")) == ACTOR.actor
 
 
 @pytest.mark.parametrize("table", ["audit_events", "audit_checkpoints"])
@@ -167,6 +168,7 @@ def test_a_checkpoint_is_signed_every_n_events_and_at_shutdown(
 ) -> None:
     every_two = settings.model_copy(update={"audit_checkpoint_every": 2})
     with TestClient(create_app(every_two, database)) as client:
+        client.headers["Authorization"] = f"Bearer {api_token(database, ADMIN_EMAIL)}"
         for index in range(5):
             response = client.post(
                 "/api/v1/services", json={"name": f"s{index}", "owner_team": "t"}

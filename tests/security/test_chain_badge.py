@@ -14,18 +14,21 @@ from sqlalchemy.orm import ORMExecuteState
 from app.catalog import service as catalog
 from app.catalog.schemas import ServiceCreate
 from app.db import Database
+from tests.conftest import person
 from tests.security.tamper import forge_and_rehash, guards_off
 
 
 class EventReads:
-    """Counts the queries a session runs and the audit events whose content it reads."""
+    """Counts the queries a session runs on the audit tables and the audit events whose content
+    it reads (looking up who is signed in is not the badge's cost)."""
 
     def __init__(self) -> None:
         self.queries = 0
         self.event_rows = 0
 
     def __call__(self, state: ORMExecuteState) -> Any:
-        self.queries += 1
+        if "audit_" in str(state.statement):
+            self.queries += 1
         frozen = state.invoke_statement().freeze()
         if "audit_events.reason" in str(state.statement):  # the walk reads whole events
             self.event_rows += len(frozen().all())
@@ -44,7 +47,7 @@ def write_events(database: Database, count: int, start: int = 0) -> None:
     with database.session(write=True) as session:
         for index in range(start, start + count):
             catalog.create_service(
-                session, "alice", data=ServiceCreate(name=f"svc-{index}", owner_team="t")
+                session, person("alice"), data=ServiceCreate(name=f"svc-{index}", owner_team="t")
             )
         session.commit()
 

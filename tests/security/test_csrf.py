@@ -16,14 +16,17 @@ from app.csrf import CsrfTokens
 from app.db import Database
 from app.keys import KeyFileError, load_or_create_key_file
 from app.main import create_app
+from tests.conftest import ADMIN_EMAIL, sign_in_as
 
 FORM = {"namespace": "default", "name": "reviews", "owner_team": "bookinfo"}
 SAME_ORIGIN = {"Referer": "http://testserver/services/new"}
 
 
 @pytest.fixture
-def client(bare_client: TestClient) -> TestClient:
-    """Here the client is a browser that has not opened a page yet (no cookie, no token)."""
+def client(bare_client: TestClient, database: Database) -> TestClient:
+    """Here the client is a browser that has signed in but not opened a page yet (no CSRF
+    cookie, no token)."""
+    sign_in_as(bare_client, database, ADMIN_EMAIL)
     return bare_client
 
 
@@ -68,7 +71,7 @@ def test_a_form_without_a_token_is_refused(client: TestClient) -> None:
 
 def test_a_form_without_the_cookie_is_refused(client: TestClient) -> None:
     token = page_token(client)
-    client.cookies.clear()
+    client.cookies.delete("mesh_csrf")
     response = client.post("/services/new", data={**FORM, "csrf_token": token})
     assert response.status_code == 403
     assert not created(client)
@@ -77,6 +80,8 @@ def test_a_form_without_the_cookie_is_refused(client: TestClient) -> None:
 def test_another_browsers_token_is_refused(settings: Settings, database: Database) -> None:
     app = create_app(settings, database)
     with TestClient(app) as attacker, TestClient(app) as victim:
+        sign_in_as(attacker, database, "attacker@example.com")
+        sign_in_as(victim, database, ADMIN_EMAIL)
         attackers_token = page_token(attacker)
         page_token(victim)
         response = victim.post(

@@ -15,6 +15,7 @@ from app.config import Settings
 from app.db import Database
 from app.main import create_app
 from app.middleware import HostPolicy, split_host
+from tests.conftest import ADMIN_EMAIL, api_token
 
 SERVICE = {"name": "reviews", "owner_team": "bookinfo"}
 API = "/api/v1/services"
@@ -25,6 +26,7 @@ def default_hosts(settings: Settings, database: Database) -> Iterator[TestClient
     """The console as `meshctl serve` runs it by default: on 127.0.0.1, no MESH_ALLOWED_HOSTS."""
     defaults = settings.model_copy(update={"allowed_hosts": [], "host": "127.0.0.1"})
     with TestClient(create_app(defaults, database), base_url="http://127.0.0.1:8000") as client:
+        client.headers["Authorization"] = f"Bearer {api_token(database, ADMIN_EMAIL)}"
         yield client
 
 
@@ -66,6 +68,7 @@ def test_a_star_serves_any_host_but_still_refuses_foreign_origins(
 ) -> None:
     behind_proxy = settings.model_copy(update={"allowed_hosts": ["*"]})
     with TestClient(create_app(behind_proxy, database), base_url="http://mesh.example") as client:
+        client.headers["Authorization"] = f"Bearer {api_token(database, ADMIN_EMAIL)}"
         assert client.get(API).status_code == 200
         foreign = client.post(API, json=SERVICE, headers={"Origin": "http://evil.example"})
         assert foreign.status_code == 403
@@ -79,6 +82,7 @@ def test_a_listed_public_name_is_accepted_as_origin_behind_a_proxy(
     """The proxy forwards to 127.0.0.1:8000 without the public Host; Origin is the public name."""
     proxied = settings.model_copy(update={"allowed_hosts": ["127.0.0.1", "mesh.example.com"]})
     with TestClient(create_app(proxied, database), base_url="http://127.0.0.1:8000") as client:
+        client.headers["Authorization"] = f"Bearer {api_token(database, ADMIN_EMAIL)}"
         response = client.post(API, json=SERVICE, headers={"Origin": "https://mesh.example.com"})
         assert response.status_code == 201
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.catalog import service as catalog
 from app.catalog.schemas import ServiceCreate
 from app.db import Database, make_engine
+from app.identity.principal import Principal
 from app.migrate import upgrade
 from app.telemetry import histogram
 from app.telemetry.models import RESOLUTIONS_S, EdgeRollup
@@ -121,7 +122,7 @@ def seed_mesh(url: str) -> None:
     with database.session(write=True) as session:
         for name, team in SERVICES:
             data = ServiceCreate(name=name, owner_team=team)
-            catalog.create_service(session, "seed", data=data)
+            catalog.create_service(session, Principal.system("seed"), data=data)
         insert_rollups(session, rows)
         session.commit()
     database.dispose()

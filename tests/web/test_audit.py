@@ -37,7 +37,7 @@ def test_audit_page_shows_actor_time_action_resource_reason_and_diff(client: Tes
     make_changes(client)
     html = client.get("/audit").text
     assert "<html" in html
-    assert "anonymous@console" in html
+    assert "admin@example.com" in html
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", html)
     assert "service.update" in html and "service.create" in html
     assert 'href="/services/default/reviews">default/reviews</a>' in html
@@ -69,7 +69,7 @@ def test_htmx_filter_request_gets_only_the_events(client: TestClient) -> None:
     [
         ({"resource_kind": "service"}, "3 events match"),
         ({"resource_kind": "version"}, "No events match"),
-        ({"actor": "anonymous@console"}, "3 events match"),
+        ({"actor": "admin@example.com"}, "3 events match"),
         ({"actor": "someone@else"}, "No events match"),
         ({"since": "2000-01-01T00:00"}, "3 events match"),
         ({"until": "2000-01-01T00:00"}, "No events match"),
