@@ -34,6 +34,7 @@ from app.middleware import (
     SecurityHeadersMiddleware,
 )
 from app.routers import API_ROUTERS, OPEN_API_ROUTERS, OPEN_WEB_ROUTERS, WEB_ROUTERS
+from app.telemetry.asgi import OtlpIngestMiddleware
 from app.telemetry.read import EdgeWindowCache
 from app.telemetry.receiver import Receiver
 from app.telemetry.retention import Pruner
@@ -106,6 +107,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     for router in WEB_ROUTERS:
         app.include_router(router, include_in_schema=False, dependencies=signed_in)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # OTLP ingest ahead of routing (innermost: the middleware below still wraps it).
+    app.add_middleware(OtlpIngestMiddleware)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -19,7 +19,8 @@ Rows:
 - agent metrics: ``--agents`` simulated agents, each posting the agent's own OTLP protobuf (built by
   ``mesh_agent.metrics_export``: 3 edges x 2 status classes) every 10 s, i.e. agents/10 requests
   per second, open loop, for ``--metrics-seconds``. Reports metric points/s and the server's CPU
-  share (100 % = one core). Target: ≤ 10 % of one core for 1,000 agents.
+  share (100 % = one core), beside the peer with ``MESH_OTLP_STORE=false`` (HTTP, auth,
+  decoding; no rollup writes). Target: ≤ 10 % of one core for 1,000 agents.
 
 Everything shares the machine's cores with the client; read ratios against the peer.
 """
@@ -52,6 +53,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: 
 )
 from sqlalchemy import text  # noqa: E402
 
+from app.agents.token import JoinToken  # noqa: E402
 from app.db import make_engine  # noqa: E402
 from app.migrate import upgrade  # noqa: E402
 from mesh_agent.metrics_export import MetricsExporter  # noqa: E402
@@ -160,10 +162,16 @@ def agent_bodies(agents: int) -> list[bytes]:
 # Server and measurements
 
 
+def join_token(workdir: Path) -> str:
+    """The mesh join token the server in ``workdir`` accepts (senders present it as agents do)."""
+    return JoinToken(workdir / "join-token").ensure()
+
+
 @contextlib.contextmanager
 def serve(url: str, workdir: Path, **env: str) -> Iterator[tuple[int, int]]:
     """(port, pid) of a ``meshctl serve`` with OTLP rate limits out of the benchmark's way."""
     port = catalog_bench.free_port()
+    join_token(workdir)  # created before the server starts, so both read the same file
     environment = {
         **os.environ,
         "MESH_DATABASE_URL": url,
@@ -224,7 +232,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def post_all(
-    port: int, bodies: list[bytes], clients: int, path: str, content_type: str
+    port: int, bodies: list[bytes], clients: int, path: str, content_type: str, token: str
 ) -> tuple[float, dict[int, int]]:
     """Post every body once over ``clients`` keep-alive connections; (seconds, status counts)."""
     queue = list(enumerate(bodies))
@@ -233,7 +241,11 @@ def post_all(
 
     def worker(n: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        headers = {"Content-Type": content_type, "Authorization": f"Bearer bench-{n}"}
+        headers = {
+            "Content-Type": content_type,
+            "Authorization": f"Bearer {token}",
+            "X-Mesh-Agent": f"bench-{n}",
+        }
         while True:
             with lock:
                 if not queue:
@@ -317,11 +329,12 @@ def measure_spans(
 ) -> SpanRow:
     env = {} if store else {"MESH_OTLP_STORE": "false"}
     with serve(url, workdir, **env) as (port, pid):
+        token = join_token(workdir)
         rest: list[float] = []
         if catalog:
             rest = page_latencies(port, threading.Event(), 100, CATALOG_PAUSE_S)
         # warm the receiver (imports, connection pools) outside the timed run
-        post_all(port, bodies[:2], 1, "/v1/traces", "application/x-protobuf")
+        post_all(port, bodies[:2], 1, "/v1/traces", "application/x-protobuf", token)
         cpu0 = cpu_seconds(pid)
         during: list[float] = []
         stop = threading.Event()
@@ -334,7 +347,7 @@ def measure_spans(
             )
             sampler.start()
         seconds, statuses = post_all(
-            port, bodies[2:], clients, "/v1/traces", "application/x-protobuf"
+            port, bodies[2:], clients, "/v1/traces", "application/x-protobuf", token
         )
         stop.set()
         if sampler is not None:
@@ -342,7 +355,8 @@ def measure_spans(
         main1, workers1 = cpu_seconds(pid)
     main, workers = main1 - cpu0[0], workers1 - cpu0[1]
     cpu = main + workers
-    spans = (len(bodies) - 2) * SPANS_PER_BATCH
+    # Only accepted requests count: a refusal (401, 429, 503) is fast and stores nothing.
+    spans = statuses.get(200, 0) * SPANS_PER_BATCH
     return SpanRow(
         backend=backend if store else "no-op peer (decode, no store)",
         spans=spans,
@@ -360,7 +374,13 @@ def measure_spans(
 
 
 def measure_metrics(
-    backend: str, url: str, workdir: Path, bodies: list[bytes], seconds: float
+    backend: str,
+    url: str,
+    workdir: Path,
+    bodies: list[bytes],
+    seconds: float,
+    *,
+    store: bool = True,
 ) -> MetricsRow:
     """Open loop: request i is due at i / rate, sent by whichever of 16 connections is free,
     so a slow answer does not lower the offered rate."""
@@ -369,8 +389,10 @@ def measure_metrics(
     statuses: dict[int, int] = {}
     lock = threading.Lock()
     next_index = [0]
-    with serve(url, workdir) as (port, pid):
-        post_all(port, bodies[:2], 1, "/v1/metrics", "application/x-protobuf")  # warm up
+    env = {} if store else {"MESH_OTLP_STORE": "false"}
+    with serve(url, workdir, **env) as (port, pid):
+        token = join_token(workdir)
+        post_all(port, bodies[:2], 1, "/v1/metrics", "application/x-protobuf", token)  # warm up
         cpu0 = cpu_seconds(pid)
         began = time.perf_counter()
 
@@ -392,7 +414,8 @@ def measure_metrics(
                     body=bodies[agent],
                     headers={
                         "Content-Type": "application/x-protobuf",
-                        "Authorization": f"Bearer agent-{agent}",
+                        "Authorization": f"Bearer {token}",
+                        "X-Mesh-Agent": f"agent-{agent}",
                     },
                 )
                 response = connection.getresponse()
@@ -408,9 +431,9 @@ def measure_metrics(
             t.join()
         elapsed = time.perf_counter() - began
         cpu = sum(cpu_seconds(pid)) - sum(cpu0)
-    points = total * 6
+    points = statuses.get(200, 0) * 6
     return MetricsRow(
-        backend=backend,
+        backend=backend if store else "no-op peer (store off)",
         agents=len(bodies),
         requests=total,
         points_per_s=points / elapsed,
@@ -467,6 +490,9 @@ def main() -> int:
                     "sqlite", url, peer, batches["peer"], args.clients, store=False, catalog=False
                 )
             )
+            metric_rows.append(
+                measure_metrics("sqlite", url, peer, agents, args.metrics_seconds, store=False)
+            )
             print("  peer done")
         for backend in args.backends.split(","):
             backend = backend.strip()
@@ -484,33 +510,37 @@ def main() -> int:
 
     print()
     header = (
-        f"{'spans':<31} {'spans/s':>8} {'per core':>9} {'per worker':>11} {'server CPU s':>12} "
-        f"{'catalog p95 rest':>17} {'during ingest':>14}  statuses"
+        f"{'spans':<31} {'spans/s':>8} {'x peer':>6} {'per core':>9} {'per worker':>11} "
+        f"{'server CPU s':>12} {'catalog p95 rest':>17} {'during ingest':>14}  statuses"
     )
     print(header)
     print("-" * len(header))
+    peer_rate = span_rows[0].spans_per_s
     for row in span_rows:
         rest = f"{row.catalog_p95_rest_ms:.1f} ms" if row.catalog_p95_rest_ms is not None else "—"
         during = (
             f"{row.catalog_p95_ingest_ms:.1f} ms" if row.catalog_p95_ingest_ms is not None else "—"
         )
         print(
-            f"{row.backend:<31} {row.spans_per_s:>8,.0f} {row.spans_per_core_s:>9,.0f} "
+            f"{row.backend:<31} {row.spans_per_s:>8,.0f} {row.spans_per_s / peer_rate:>6.2f} "
+            f"{row.spans_per_core_s:>9,.0f} "
             f"{row.spans_per_worker_core_s:>11,.0f} {row.server_cpu_s:>12.1f} "
             f"{rest:>17} {during:>14}  {row.statuses}"
         )
     print(f"{'reference: OTel Collector':<31} {'':>8} {COLLECTOR_SPANS_S_PER_CORE:>9,}")
     print()
     header = (
-        f"{'agent metrics':<13} {'agents':>7} {'requests':>9} {'points/s':>9} "
-        f"{'server CPU':>11}  statuses"
+        f"{'agent metrics':<22} {'agents':>7} {'requests':>9} {'points/s':>9} "
+        f"{'server CPU':>11} {'x peer':>7}  statuses"
     )
     print(header)
     print("-" * len(header))
+    peer_cpu = metric_rows[0].server_cpu_share
     for m in metric_rows:
         print(
-            f"{m.backend:<13} {m.agents:>7} {m.requests:>9} {m.points_per_s:>9,.0f} "
-            f"{m.server_cpu_share * 100:>10.1f}%  {m.statuses}"
+            f"{m.backend:<22} {m.agents:>7} {m.requests:>9} {m.points_per_s:>9,.0f} "
+            f"{m.server_cpu_share * 100:>10.1f}% {m.server_cpu_share / peer_cpu:>7.2f}  "
+            f"{m.statuses}"
         )
     print()
     verdicts = []
@@ -529,7 +559,7 @@ def main() -> int:
                     ratio <= TARGET_CATALOG_RATIO,
                 )
             )
-    for m in metric_rows:
+    for m in metric_rows[1:]:  # not the peer
         verdicts.append(
             (
                 f"{m.backend}: {m.agents} agents' metrics {m.server_cpu_share:.1%} of a core "

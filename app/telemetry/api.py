@@ -21,7 +21,7 @@ from app.telemetry.receiver import Receiver
 from app.telemetry.schemas import TraceList, TraceRead
 from app.telemetry.throttle import ClientRateLimiter
 
-__all__ = ["receiver", "receiver_for", "require_ingest_auth", "router"]
+__all__ = ["receive", "receiver", "receiver_for", "require_ingest_auth", "router"]
 
 Signal = Literal["traces", "metrics"]
 TRACE_ID_PATTERN = r"^[0-9a-fA-F]{32}$"
@@ -60,7 +60,7 @@ _OTLP_DOC = (
     response_class=Response,
 )
 async def export_traces(request: Request) -> Response:
-    return await _receive(request, "traces")
+    return await receive(request, "traces")
 
 
 @receiver.post(
@@ -71,7 +71,7 @@ async def export_traces(request: Request) -> Response:
     response_class=Response,
 )
 async def export_metrics(request: Request) -> Response:
-    return await _receive(request, "metrics")
+    return await receive(request, "metrics")
 
 
 def receiver_for(request: Request) -> Receiver:
@@ -83,7 +83,9 @@ def receiver_for(request: Request) -> Receiver:
     return found
 
 
-async def _receive(request: Request, signal: Signal) -> Response:
+async def receive(request: Request, signal: Signal) -> Response:
+    """One OTLP export request, answered: the routes' handler and the ASGI fast path's
+    (:mod:`app.telemetry.asgi`), after the join-token check."""
     receiver = receiver_for(request)
     settings = receiver.settings
     key = ClientRateLimiter.client_key(

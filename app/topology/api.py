@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
+from app.db import Database
 from app.deps import SessionDep, SettingsDep
 from app.telemetry.read import EdgeWindowCache
 from app.topology import schemas, service
+from app.topology.cache import TopologyCache
 from app.topology.layout import LayoutCache
+from app.topology.stages import Thresholds
 
 router = APIRouter(prefix="/api/v1", tags=["topology"])
 
@@ -32,7 +36,35 @@ def get_layouts(request: Request) -> LayoutCache:
     return layouts
 
 
+def get_topology_cache(request: Request) -> TopologyCache:
+    """The app's cache of computed graphs, made on first use (on the event loop: no race)."""
+    cache: TopologyCache | None = getattr(request.app.state, "topologies", None)
+    if cache is None:
+        cache = request.app.state.topologies = TopologyCache()
+    return cache
+
+
+def later(
+    request: Request,
+    query: service.TopologyQuery,
+    edge_cache: EdgeWindowCache,
+    layouts: LayoutCache,
+    limits: Thresholds,
+) -> Callable[[], schemas.Topology]:
+    """The same graph computed in a background thread, with a session of its own."""
+    database: Database = request.app.state.database
+
+    def compute() -> schemas.Topology:
+        with database.session(write=False) as session:
+            return service.topology(
+                session, query, edge_cache=edge_cache, layouts=layouts, limits=limits
+            )
+
+    return compute
+
+
 EdgeCacheDep = Annotated[EdgeWindowCache, Depends(get_edge_cache)]
+TopologyCacheDep = Annotated[TopologyCache, Depends(get_topology_cache)]
 LayoutsDep = Annotated[LayoutCache, Depends(get_layouts)]
 
 
@@ -46,10 +78,12 @@ LayoutsDep = Annotated[LayoutCache, Depends(get_layouts)]
     "no known service.",
 )
 def get_topology(
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     edge_cache: EdgeCacheDep,
     layouts: LayoutsDep,
+    topologies: TopologyCacheDep,
     window: WindowQuery = "5m",
     namespace: Annotated[
         str | None,
@@ -82,15 +116,17 @@ def get_topology(
         hide_idle=hide_idle,
         hide_healthy=hide_healthy,
     )
-    graph = service.topology(
-        session,
-        query,
-        edge_cache=edge_cache,
-        layouts=layouts,
-        limits=service.thresholds(settings),
+    limits = service.thresholds(settings)
+    cached = topologies.get(
+        (query, limits),
+        lambda: service.topology(
+            session, query, edge_cache=edge_cache, layouts=layouts, limits=limits
+        ),
+        later(request, query, edge_cache, layouts, limits),
     )
-    # Serialised once by pydantic-core: FastAPI would validate the 1,000-edge model again first.
-    return Response(graph.model_dump_json(), media_type="application/json")
+    # Serialised once by pydantic-core (and kept with the graph): FastAPI would validate the
+    # 1,000-edge model again first.
+    return Response(cached.json, media_type="application/json")
 
 
 @router.get(

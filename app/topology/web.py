@@ -12,7 +12,15 @@ from app.catalog import service as catalog
 from app.deps import SessionDep, SettingsDep
 from app.errors import DomainError
 from app.topology import service
-from app.topology.api import DNS_NAME, FOCUS, EdgeCacheDep, LayoutsDep, WindowQuery
+from app.topology.api import (
+    DNS_NAME,
+    FOCUS,
+    EdgeCacheDep,
+    LayoutsDep,
+    TopologyCacheDep,
+    WindowQuery,
+    later,
+)
 from app.web import fragment, render, templates
 
 router = APIRouter()
@@ -92,6 +100,7 @@ def topology_page(
     settings: SettingsDep,
     edge_cache: EdgeCacheDep,
     layouts: LayoutsDep,
+    topologies: TopologyCacheDep,
     window: WindowQuery = "5m",
     namespace: Annotated[str, Query(max_length=63, pattern=f"({DNS_NAME})|^$")] = "",
     focus: Annotated[str, Query(max_length=127, pattern=f"({FOCUS})|^$")] = "",
@@ -127,13 +136,14 @@ def topology_page(
     error, status_code = None, 200
     graph = None
     try:
-        graph = service.topology(
-            session,
-            query,
-            edge_cache=edge_cache,
-            layouts=layouts,
-            limits=service.thresholds(settings),
-        )
+        limits = service.thresholds(settings)
+        graph = topologies.get(
+            (query, limits),
+            lambda: service.topology(
+                session, query, edge_cache=edge_cache, layouts=layouts, limits=limits
+            ),
+            later(request, query, edge_cache, layouts, limits),
+        ).graph
     except DomainError as exc:
         error, status_code = exc.message, exc.status_code
     context: dict[str, Any] = {
