@@ -668,4 +668,4 @@ def main() -> None:
     sys.exit(cli())
 
 
-import app.operator_cli  # noqa: E402, F401  (registers get, export and apply on cli)
+import app.operator  # noqa: E402, F401  (registers get, export and apply on cli)

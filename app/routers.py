@@ -16,6 +16,7 @@ from app.identity import api as identity_api
 from app.identity import oidc as identity_oidc
 from app.identity import web as identity_web
 from app.policies import api as policies_api
+from app.policies import editors as policies_editors
 from app.policies import web as policies_web
 from app.telemetry import api as telemetry_api
 from app.telemetry import web as telemetry_web
@@ -50,6 +51,7 @@ WEB_ROUTERS: list[APIRouter] = [
     identity_web.router,
     catalog_web.router,
     policies_web.router,
+    policies_editors.router,
     agents_web.router,
     audit_web.router,
     telemetry_web.router,

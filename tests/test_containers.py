@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 import app.demo.apps as demo_apps
-import app.operator_cli as operator_cli
+import app.operator.client as operator_client
 from app.cli import cli
 from app.config import Settings
 from app.db import Database
@@ -379,7 +379,7 @@ def test_the_seed_file_is_the_demo_catalog(
     with database.session(write=True) as session:
         seed_demo_catalog(session)
         session.commit()
-    monkeypatch.setattr(operator_cli, "make_client", lambda base_url: client)
+    monkeypatch.setattr(operator_client, "make_client", lambda base_url: client)
     monkeypatch.setenv("MESH_SERVER", "http://testserver")  # the name the test app answers to
     runner = CliRunner()
     exported = tmp_path / "shop.yaml"

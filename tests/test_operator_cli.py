@@ -18,7 +18,8 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-import app.operator_cli as operator_cli
+import app.operator.apply as operator_apply
+import app.operator.client as operator_client
 from app.cli import cli
 
 runner = CliRunner()
@@ -27,7 +28,7 @@ runner = CliRunner()
 @pytest.fixture
 def meshctl(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
     """Run meshctl with its API calls going to the test app."""
-    monkeypatch.setattr(operator_cli, "make_client", lambda base_url: client)
+    monkeypatch.setattr(operator_client, "make_client", lambda base_url: client)
     monkeypatch.setenv("MESH_SERVER", "http://testserver")  # the name the test app answers to
 
     def run(*args: str) -> Any:
@@ -348,9 +349,9 @@ def test_a_refusal_midway_says_what_was_already_applied(
     document["items"][2]["spec"]["routes"][0]["backends"][0]["weight"] = 80
     document["items"][2]["spec"]["routes"][0]["backends"][1]["weight"] = 20
     path.write_text(yaml.safe_dump(document, sort_keys=False))
-    planned = operator_cli.make_plan
+    planned = operator_apply.make_plan
 
-    def someone_else_shifts_after_the_read(*args: Any) -> operator_cli.Plan:
+    def someone_else_shifts_after_the_read(*args: Any) -> operator_apply.Plan:
         plan = planned(*args)
         client.post(
             "/api/v1/services/catalog/traffic/weights",
@@ -359,7 +360,7 @@ def test_a_refusal_midway_says_what_was_already_applied(
         )
         return plan
 
-    monkeypatch.setattr(operator_cli, "make_plan", someone_else_shifts_after_the_read)
+    monkeypatch.setattr(operator_apply, "make_plan", someone_else_shifts_after_the_read)
 
     result = runner.invoke(cli, ["apply", "-f", str(path)])
 
@@ -469,12 +470,12 @@ def test_help_reads_well(args: list[str]) -> None:
 def test_the_client_follows_pages(meshctl: Callable[..., Any], client: TestClient) -> None:
     for n in range(3):
         client.post("/api/v1/services", json={"name": f"s{n}", "owner_team": "t"})
-    original = operator_cli.PAGE_SIZE
+    original = operator_client.PAGE_SIZE
     try:
-        operator_cli.PAGE_SIZE = 2
+        operator_client.PAGE_SIZE = 2
         names = [s["name"] for s in json.loads(meshctl("get", "services", "-o", "json").output)]
     finally:
-        operator_cli.PAGE_SIZE = original
+        operator_client.PAGE_SIZE = original
     assert names == ["s0", "s1", "s2"]
 
 
@@ -482,7 +483,7 @@ def test_api_errors_keep_fastapi_field_messages() -> None:
     response = httpx.Response(
         422, json={"detail": [{"loc": ["body", "spec", "routes"], "msg": "bad"}]}
     )
-    error = operator_cli._api_error(response)
+    error = operator_client._api_error(response)
     assert error.errors == [{"field": "body.spec.routes", "message": "bad"}]
     assert str(error) == "422: body.spec.routes: bad"
 
