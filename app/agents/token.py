@@ -11,9 +11,12 @@ import hmac
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 
-__all__ = ["JoinToken"]
+__all__ = ["RECHECK_S", "JoinToken"]
+
+RECHECK_S = 1.0
 
 
 class JoinToken:
@@ -21,6 +24,7 @@ class JoinToken:
         self.path = path
         self._lock = threading.Lock()
         self._cached: tuple[int, str] | None = None
+        self._checked_at = 0.0
 
     def ensure(self) -> str:
         """The token, created if there is none yet."""
@@ -43,9 +47,16 @@ class JoinToken:
         return hmac.compare_digest(presented.encode(), expected.encode())
 
     def _read(self) -> str:
+        # Every discovery poll and OTLP request checks the token: a stat() each time was a
+        # visible share of ingest CPU. A rotation by another process (meshctl token rotate) is
+        # noticed within RECHECK_S; one through this object at once.
+        now = time.monotonic()
+        if self._cached is not None and now - self._checked_at < RECHECK_S:
+            return self._cached[1]
         stamp = self.path.stat().st_mtime_ns
         if self._cached is None or self._cached[0] != stamp:
             self._cached = (stamp, self.path.read_text().strip())
+        self._checked_at = now
         return self._cached[1]
 
     def _write(self, token: str) -> None:

@@ -215,3 +215,22 @@ def test_the_agents_list_filters_by_service_and_state(cp: TestClient, mesh: dict
     assert listed["counts"]["NOT_SENT"] + listed["counts"]["STALE"] == 2
     assert cp.get("/api/v1/agents", params={"state": "SYNCED"}).json()["total"] == 0
     assert cp.get("/api/v1/agents", params={"state": "BOGUS"}).status_code == 422
+
+
+def test_a_token_rotated_by_another_process_is_noticed(cp: TestClient) -> None:
+    """`meshctl token rotate` writes the file from another process: the control plane notices
+    the new token within its re-check interval, without a restart."""
+    from app.agents.token import JoinToken
+
+    old = f"Bearer {cp.join_token}"  # type: ignore[attr-defined]
+    served = cp.app.state.hub.token  # type: ignore[attr-defined]
+    body = registration("reviews", "v1", "127.0.0.1:9001")
+    assert cp.post("/api/v1/agents", json=body, headers={"Authorization": old}).status_code == 200
+    new = JoinToken(served.path).rotate()  # another JoinToken: what meshctl does
+    deadline = time.monotonic() + 30
+    while served.check(cp.join_token):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the rotated token file was never noticed"
+        time.sleep(0.05)
+    assert cp.post("/api/v1/agents", json=body, headers={"Authorization": old}).status_code == 401
+    ok = cp.post("/api/v1/agents", json=body, headers={"Authorization": f"Bearer {new}"})
+    assert ok.status_code == 200
