@@ -204,10 +204,16 @@ def deregister_agent(request: Request, session: SessionDep, hub: HubDep, agent_i
     openapi_extra=_body_schema(DiscoveryRequest),
 )
 async def discovery(
+    request: Request,
     hub: HubDep,
     agent_id: str,
     data: Annotated[DiscoveryRequest, Depends(_discovery)],
 ) -> Response:
+    allowed = getattr(request.state, "join_namespace", None)
+    if allowed is not None:
+        known = hub.status.get(agent_id)
+        if known is not None and known.namespace != allowed:
+            raise ForbiddenError(f"this join token admits agents of namespace {allowed!r} only")
     booked = hub.status.poll_started(
         agent_id, version=data.version, nonce=data.response_nonce, error=data.error_detail
     )

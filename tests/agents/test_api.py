@@ -4,11 +4,15 @@ with the version kept, stale nonces ignored, no re-push of what an agent runs or
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
+from app.db import Database, utcnow
+from app.identity.models import ApiToken
 from tests.agents.conftest import registration
 
 
@@ -234,3 +238,51 @@ def test_a_token_rotated_by_another_process_is_noticed(cp: TestClient) -> None:
     assert cp.post("/api/v1/agents", json=body, headers={"Authorization": old}).status_code == 401
     ok = cp.post("/api/v1/agents", json=body, headers={"Authorization": f"Bearer {new}"})
     assert ok.status_code == 200
+
+
+def test_a_join_token_from_the_database_admits_one_namespace_until_revoked(
+    cp: TestClient,
+) -> None:
+    made = cp.post("/api/v1/join-tokens", json={"name": "shop agents", "namespace": "shop"})
+    assert made.status_code == 201
+    shop_token = {"Authorization": f"Bearer {made.json()['token']}"}
+    assert made.json()["token"].startswith("meshjoin_")
+
+    in_shop = registration("cart", "v1", "127.0.0.1:9201", namespace="shop")
+    assert cp.post("/api/v1/agents", json=in_shop, headers=shop_token).status_code == 200
+    elsewhere = registration("reviews", "v1", "127.0.0.1:9202")  # namespace "default"
+    refused = cp.post("/api/v1/agents", json=elsewhere, headers=shop_token)
+    assert refused.status_code == 403
+    assert "namespace 'shop' only" in refused.json()["detail"]
+    assert cp.get("/api/v1/services/reviews").status_code == 404  # nothing was registered
+
+    # An agent of another namespace (registered with the mesh-wide token) stays out of reach.
+    other = cp.post("/api/v1/agents", json=elsewhere).json()["agent_id"]
+    poll = {"service": "reviews", "service_version": "v1", "agent_id": other}
+    assert (
+        cp.post(f"/api/v1/agents/{other}/discovery", json=poll, headers=shop_token).status_code
+        == 403
+    )
+    assert cp.delete(f"/api/v1/agents/{other}", headers=shop_token).status_code == 403
+
+    assert cp.delete(f"/api/v1/tokens/{made.json()['details']['id']}").status_code == 204
+    deadline = time.monotonic() + 30  # the control plane re-checks a cached token every 5 s
+    while cp.post("/api/v1/agents", json=in_shop, headers=shop_token).status_code != 401:
+        assert time.monotonic() < deadline, "a revoked join token kept working"
+        time.sleep(0.2)
+
+
+def test_an_expired_join_token_is_refused(cp: TestClient, database: Database) -> None:
+    made = cp.post("/api/v1/join-tokens", json={"name": "old", "namespace": "shop"}).json()
+    with database.session(write=True) as session:
+        session.execute(
+            update(ApiToken)
+            .where(ApiToken.id == made["details"]["id"])
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+        session.commit()
+    body = registration("cart", "v1", "127.0.0.1:9203", namespace="shop")
+    answer = cp.post(
+        "/api/v1/agents", json=body, headers={"Authorization": f"Bearer {made['token']}"}
+    )
+    assert answer.status_code == 401
