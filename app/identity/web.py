@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.deps import ActorDep, SessionDep, SettingsDep
 from app.errors import DomainError, InvalidError
-from app.identity import service
+from app.identity import passwords, service
 from app.identity.auth import SESSION_COOKIE, SessionCookies, client_address, current_principal
 from app.identity.models import User
 from app.identity.principal import Action, Principal, authorize
@@ -108,14 +108,13 @@ def sign_in(
         )
     if user is None:
         session.commit()  # the failure (and any lockout) is recorded even though we refuse
-        response = _sign_in_page(
+        return _sign_in_page(
             request,
             settings,
             next_path=next_path,
             error=service.SIGN_IN_REFUSED,
             status_code=status.HTTP_401_UNAUTHORIZED,
         )
-        return response
     return sign_in_response(
         request, session, settings, user, method="password", next_path=next_path
     )
@@ -244,8 +243,6 @@ def change_password(
 ) -> Response:
     current, new = form.get("current_password"), form.get("new_password")
     user = service.get_user(session, actor.id or 0) if actor.kind == "user" else None
-    from app.identity import passwords
-
     if user is None or not isinstance(current, str) or not isinstance(new, str):
         return _account_page(
             request, session, actor, errors={"new_password": "required"}, status_code=422
@@ -264,7 +261,9 @@ def change_password(
         service.set_password(session, actor, user.id, new)
     except DomainError as exc:
         session.rollback()
-        return _account_page(request, session, actor, errors=_problems(exc), status_code=422)
+        # The service speaks of "password"; on this form it is the new one.
+        problems = {"new_password" if k == "password" else k: v for k, v in _problems(exc).items()}
+        return _account_page(request, session, actor, errors=problems, status_code=422)
     return flash(redirect(request, "/account"), "Password changed.")
 
 

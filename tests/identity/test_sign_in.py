@@ -377,3 +377,31 @@ def test_failures_are_recorded_with_their_address(browser: TestClient, database:
     assert (failure.email, failure.client_address) == ("ada@example.com", "testclient")
     with database.session(write=False) as session:
         assert session.execute(text("SELECT COUNT(*) FROM web_sessions")).scalar() == 0
+
+
+def test_a_person_changes_their_password_knowing_the_current_one(browser: TestClient) -> None:
+    sign_in(browser, "ada@example.com", PASSWORD)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/account").text)
+    assert token
+    new = "an even longer passphrase"
+    wrong = browser.post(
+        "/account/password",
+        data={"csrf_token": token.group(1), "current_password": "guess", "new_password": new},
+    )
+    assert wrong.status_code == 422
+    assert "not your current password" in wrong.text
+    short = browser.post(
+        "/account/password",
+        data={"csrf_token": token.group(1), "current_password": PASSWORD, "new_password": "short"},
+    )
+    assert short.status_code == 422
+    assert "at least 12 characters" in short.text
+    done = browser.post(
+        "/account/password",
+        data={"csrf_token": token.group(1), "current_password": PASSWORD, "new_password": new},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+    browser.cookies.delete("mesh_session")
+    assert sign_in(browser, "ada@example.com", PASSWORD).status_code == 401  # type: ignore[attr-defined]
+    assert sign_in(browser, "ada@example.com", new).status_code == 303  # type: ignore[attr-defined]
