@@ -19,6 +19,15 @@ __all__ = ["RECHECK_S", "JoinToken"]
 RECHECK_S = 1.0
 
 
+def _new_token() -> str:
+    """A random token that never starts with "-": it is passed as ``--token <value>``, and
+    argparse would take a leading dash for an option (1 token in 64 did)."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
+
+
 class JoinToken:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -30,12 +39,12 @@ class JoinToken:
         """The token, created if there is none yet."""
         with self._lock:
             if not self.path.exists():
-                self._write(secrets.token_urlsafe(32))
+                self._write(_new_token())
             return self._read()
 
     def rotate(self) -> str:
         with self._lock:
-            self._write(secrets.token_urlsafe(32))
+            self._write(_new_token())
             return self._read()
 
     def check(self, presented: str) -> bool:

@@ -286,3 +286,11 @@ def test_an_expired_join_token_is_refused(cp: TestClient, database: Database) ->
         "/api/v1/agents", json=body, headers={"Authorization": f"Bearer {made['token']}"}
     )
     assert answer.status_code == 401
+
+
+def test_join_tokens_never_start_with_a_dash() -> None:
+    """Agents take the token as `--token <value>`; argparse reads a leading dash as an option
+    (a browser test's agents once failed to start on such a token)."""
+    from app.agents.token import _new_token
+
+    assert not [t for t in (_new_token() for _ in range(2000)) if t.startswith("-")]
