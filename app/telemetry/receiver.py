@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -255,6 +256,15 @@ def _start_worker(database_url: str, settings: dict[str, Any]) -> None:
     # half-way through a transaction because the terminal's SIGINT reached it too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = (Database(database_url), Settings(**settings))
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A console killed outright (SIGKILL, OOM) cannot shut its pool down; its workers would
+    live on as orphans. Each one leaves when its parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _store_traces_in_worker(
