@@ -37,3 +37,18 @@ def test_inventory_runs_two_replicas_each_with_its_own_agent_state() -> None:
     inventory = [i for i in planned if i.service == "inventory"]
     assert [i.key for i in inventory] == ["inventory-v1", "inventory-v1-2"]
     assert len(planned) == sum(len(s.versions) * s.replicas for s in SERVICES) + 1
+
+
+def test_planned_ports_are_distinct_and_outside_the_ephemeral_range() -> None:
+    """Ports from the kernel's ephemeral range can be taken by the demo's own outgoing
+    connections before an agent binds them (an agent once failed with "address in use")."""
+    from app.demo.runner import _ephemeral_low
+
+    ports = [
+        p
+        for i in plan_instances()
+        for p in (i.app_port, i.inbound, i.outbound, i.admin)
+        if p  # the load generator has no app and no inbound port
+    ]
+    assert len(ports) == len(set(ports))
+    assert all(1024 <= p < _ephemeral_low() for p in ports)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,10 +34,33 @@ class DemoError(Exception):
     """The demo cannot start; the message says why, in one line."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _free_port(planned: set[int]) -> int:
+    """A free loopback port *below* the kernel's ephemeral range. A port from bind(0) comes from
+    that range, and between planning and an agent binding it, one of the demo's own outgoing
+    connections could take it ("address already in use", seen in CI)."""
+    high = _ephemeral_low() - 1
+    low = max(1024, high - 20_000)
+    for _ in range(2000):
+        port = random.randint(low, high)
+        if port in planned:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        planned.add(port)
+        return port
+    with socket.socket() as probe:  # a crowded machine: whatever the kernel gives
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -66,13 +90,18 @@ class PlannedInstance:
 
 
 def plan_instances() -> list[PlannedInstance]:
+    ports: set[int] = set()
+
+    def port() -> int:
+        return _free_port(ports)
+
     planned = [
-        PlannedInstance(s.name, v, _free_port(), _free_port(), _free_port(), _free_port(), n)
+        PlannedInstance(s.name, v, port(), port(), port(), port(), n)
         for s in SERVICES
         for v in s.versions
         for n in range(1, s.replicas + 1)
     ]
-    planned.append(PlannedInstance(LOADGEN.name, "v1", 0, 0, _free_port(), _free_port()))
+    planned.append(PlannedInstance(LOADGEN.name, "v1", 0, 0, port(), port()))
     return planned
 
 
