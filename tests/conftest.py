@@ -260,3 +260,24 @@ def bare_client(settings: Settings, database: Database) -> Iterator[TestClient]:
 
     with TestClient(create_app(settings, database)) as test_client:
         yield test_client
+
+
+# Test files that start a whole demo mesh. Its ports are planned at random from one range below
+# the kernel's ephemeral ports, so two demos planning at the same moment could pick the same
+# port: under pytest-xdist they share one worker and run one after another.
+DEMO_FILES = frozenset({"test_demo.py", "test_demo_faults.py", "test_demo_newcomer.py"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups from the markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test``, ``--dist loadgroup``) ordinary tests go one by one to
+    whichever worker is free. Tests that start real processes or a browser keep their file on
+    one worker, so a module's servers and agents start once, not once per worker."""
+    for item in items:
+        if item.get_closest_marker("e2e") is None and item.get_closest_marker("browser") is None:
+            continue
+        if item.path.name in DEMO_FILES:
+            group = "demo"
+        else:
+            group = str(item.path.relative_to(config.rootpath))
+        item.add_marker(pytest.mark.xdist_group(group))

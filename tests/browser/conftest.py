@@ -49,6 +49,11 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+# Caps on event waits, not pauses: a page that is right answers at once. They are generous
+# because `make test` runs the suite on several workers of a 2-core machine that may be busy.
+WAIT_MS = 30_000
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -61,7 +66,7 @@ def meshctl() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
 
 
-def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -147,7 +152,10 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an asyncio loop running in this thread
+# while it is open, and under pytest-xdist a worker goes on to other tests (the agent's call
+# asyncio.run()) after a browser module; they must find no loop running.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     try:
         from playwright.sync_api import sync_playwright
@@ -156,13 +164,16 @@ def browser() -> Iterator[Browser]:
     executable = chromium_path()
     if executable is None or not Path(executable).exists():
         _unavailable("Chromium not found (install Debian's chromium or set MESH_CHROMIUM)")
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def admin_storage(browser: Browser, live_server: str) -> Any:
     """Cookies of an admin signed in once, shared by the pages of every test."""
     context = browser.new_context(base_url=live_server)
@@ -179,7 +190,7 @@ def page(browser: Browser, live_server: str, admin_storage: Any) -> Iterator[Pag
     context = browser.new_context(
         base_url=live_server, viewport={"width": 1280, "height": 860}, storage_state=admin_storage
     )
-    context.set_default_timeout(10_000)
+    context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     yield page
     context.close()

@@ -16,6 +16,7 @@ from tests.browser.conftest import (
     LIVE_SERVER_DATA,
     LIVE_SERVER_ENV,
     REPO_ROOT,
+    WAIT_MS,
     admin_token,
     sign_in_path,
 )
@@ -164,7 +165,7 @@ def _context_page(browser: Browser, live_server: str, storage_state: Any = None)
         storage_state=storage_state,
         bypass_csp=True,
     )
-    context.set_default_timeout(10_000)
+    context.set_default_timeout(WAIT_MS)
     return context.new_page()
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.browser.conftest import WAIT_MS
 from tests.e2e.mesh import wait_until
 from tests.e2e.test_demo import AGENTS, EXPECTED_EDGES, Demo, processes_mentioning
 
@@ -44,7 +45,7 @@ def open_console_as_newcomer(browser: Browser, demo: Demo) -> Page:
     link = (demo.tmp / "data" / "demo" / "sign-in-link").read_text().strip()
     assert link.startswith(demo.url + "/sign-in/link/")
     context = browser.new_context(base_url=demo.url, viewport={"width": 1400, "height": 900})
-    context.set_default_timeout(15_000)
+    context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     page.goto(demo.url)
     assert "/sign-in" in page.url  # nobody gets in without signing in

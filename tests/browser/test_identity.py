@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.browser.conftest import LIVE_SERVER_ENV, admin_token
+from tests.browser.conftest import LIVE_SERVER_ENV, WAIT_MS, admin_token
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 
@@ -56,7 +56,7 @@ def two_teams(live_server: str) -> str:
 
 def signed_in_page(browser: Browser, url: str, email: str) -> Page:
     context = browser.new_context(base_url=url, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(10_000)
+    context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     page.goto("/services")
     expect(page).to_have_url(re.compile(r"/sign-in\?next=/services$"))

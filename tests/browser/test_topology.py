@@ -14,6 +14,7 @@ import pytest
 
 from tests.browser.conftest import (
     REPO_ROOT,
+    WAIT_MS,
     free_port,
     meshctl,
     sign_in_path,
@@ -62,7 +63,7 @@ def mesh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def page(browser: Browser, mesh_server: str) -> Iterator[Page]:
     context = browser.new_context(base_url=mesh_server, viewport={"width": 1400, "height": 900})
-    context.set_default_timeout(10_000)
+    context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     page.goto(sign_in_path("topology@example.com", role="viewer", env=SERVER_ENV))
     errors: list[str] = []

@@ -18,6 +18,7 @@ import pytest
 
 from tests.browser.conftest import (
     REPO_ROOT,
+    WAIT_MS,
     admin_token,
     free_port,
     meshctl,
@@ -138,7 +139,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def console(browser: Browser, mesh: str) -> Iterator[Page]:
     context = browser.new_context(base_url=mesh, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(10_000)
+    context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     # An operator of the team that owns reviews (the fixture's catalog entry: team "shop").
     page.goto(

@@ -186,7 +186,7 @@ def test_sign_out_everywhere_ends_every_session_of_the_person(
 def test_a_forged_session_cookie_is_refused(browser: TestClient) -> None:
     sign_in(browser, "ada@example.com", PASSWORD)
     secret, mac = browser.cookies["mesh_session"].split(".")
-    # Change the secret's last character to one it is not (a fixed "A" left it unchanged 1 time in 64).
+    # The last character changed to one it is not (a fixed "A" matched it 1 time in 64).
     forged_last = "B" if secret.endswith("A") else "A"
     browser.cookies.set("mesh_session", f"{secret[:-1]}{forged_last}.{mac}")
     assert signed_in_as(browser) is None
