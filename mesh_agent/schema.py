@@ -24,7 +24,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 __all__ = [
@@ -174,7 +174,14 @@ def check_one_of(model: object, names: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what} needs exactly one of {', '.join(names)} (got {len(given)})")
 
 
-def check_backoff(policy: RetryPolicy | Any) -> None:
+class _Backoff(Protocol):
+    @property
+    def backoff_base_ms(self) -> int: ...
+    @property
+    def backoff_max_ms(self) -> int: ...
+
+
+def check_backoff(policy: _Backoff) -> None:
     if policy.backoff_max_ms < policy.backoff_base_ms:
         raise ValueError("backoff_max_ms must be >= backoff_base_ms")
 
@@ -404,7 +411,6 @@ Loc = tuple[int | str, ...]
 Errors = list[tuple[Loc, str]]
 Parser = Callable[[Any, Loc, Errors], Any]
 _BAD: Any = object()  # a value that failed; its error is already recorded
-_REQUIRED: Any = object()
 _INT_TEXT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*", re.ASCII)
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
@@ -684,8 +690,6 @@ def _model(
 
 
 def _no_default(f: Any) -> bool:
-    from dataclasses import MISSING
-
     return f.default is MISSING and f.default_factory is MISSING
 
 
