@@ -418,13 +418,12 @@ _I64 = 2**63
 
 
 def _text(v: Any) -> str | None:
+    """The text of a str, or of bytes (YAML's !!binary) as pydantic reads them for a number or
+    a boolean."""
     if isinstance(v, str):
         return v
-    if isinstance(v, bytes | bytearray):
-        try:
-            return bytes(v).decode()
-        except UnicodeDecodeError:
-            return None
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
     return None
 
 
@@ -434,18 +433,17 @@ def _string(
     compiled = re.compile(pattern) if pattern is not None else None
 
     def parse(v: Any, loc: Loc, errors: Errors) -> Any:
-        s = _text(v)
-        if s is None:
-            if isinstance(v, bytes | bytearray):
-                errors.append(
-                    (
-                        loc,
-                        "Input should be a valid string, "
-                        "unable to parse raw data as a unicode string",
-                    )
-                )
-            else:
-                errors.append((loc, "Input should be a valid string"))
+        if isinstance(v, str):
+            s = v
+        elif isinstance(v, bytes | bytearray):
+            try:
+                s = bytes(v).decode()
+            except UnicodeDecodeError:
+                message = "Input should be a valid string, unable to parse raw data as a unicode"
+                errors.append((loc, message + " string"))
+                return _BAD
+        else:
+            errors.append((loc, "Input should be a valid string"))
             return _BAD
         if min_length is not None and len(s) < min_length:
             unit = "character" if min_length == 1 else "characters"
@@ -559,7 +557,7 @@ def _bool(v: Any, loc: Loc, errors: Errors) -> Any:
             return False
         errors.append((loc, "Input should be a valid boolean, unable to interpret input"))
         return _BAD
-    if number is not None and -_I64 < number < _I64:
+    if number is not None and -_I64 <= number < _I64:
         if number in (0, 1):
             return bool(number)
         errors.append((loc, "Input should be a valid boolean, unable to interpret input"))
@@ -652,10 +650,6 @@ def _model(
         if not isinstance(v, dict):
             errors.append((loc, message))
             return _BAD
-        for key in v:
-            if not isinstance(key, str):
-                errors.append(((*loc, key), "Keys should be strings"))
-                return _BAD
         before = len(errors)
         values: dict[str, Any] = {}
         for f in spec:
@@ -671,9 +665,10 @@ def _model(
                 values[f.name] = value
             elif f.name in required:
                 errors.append(((*loc, f.name), "Field required"))
-        errors.extend(
-            ((*loc, key), "Extra inputs are not permitted") for key in v if key not in names
-        )
+        for key in v:
+            if key not in names:
+                unknown = "Extra inputs are not permitted" if isinstance(key, str) else None
+                errors.append(((*loc, key), unknown or "Keys should be strings"))
         if len(errors) > before:
             return _BAD
         obj = cls(**values)

@@ -166,6 +166,8 @@ INVALID = [
     {"services": {"a": 1}},
     {"servics": []},
     {1: 2},
+    {"services": 5, 1: 2},
+    {"services": [{"name": "a", 1: 2, 2: 3}]},
     {"services": [{"versions": {}}]},
     {"services": [service(name="Reviews", namespace="x_y")]},
     {"services": [service(versions={"v 1": {}, "v2": {"endpoints": 5}})]},
@@ -245,8 +247,9 @@ def test_invalid_configs_are_refused_alike_with_the_same_paths_and_messages(data
 
 TRICKY = [
     None, True, False, 0, 1, 2, -1, 5.0, 0.5, 1e19, math.inf, math.nan, "", "5", " 5 ", "+5",
-    "5.00", "5.", "1_000", "1e3", "inf", "yes", "off", "x", "/", "v1", "10.0.0.1:80", b"1",
-    [], ["x"], [1], {}, {"x": 1},
+    "5.00", "5.", "1_000", "1__0", "1e3", "inf", "nan", " true ", "yes", "off", "x", "/", "v1",
+    "10.0.0.1:80", "[::1]:80", b"1", b"\xff", 1.5, 100.5, 10**30, -(2**63), [], ["x"], [1], {},
+    {"x": 1}, {"version": "v1"},
 ]  # fmt: skip
 
 
@@ -276,7 +279,7 @@ def mutated(draw: st.DrawFn) -> Any:
         elif what == "delete":
             del parent[path[-1]]
         else:
-            key = draw(st.sampled_from(["unknown", "name", "weight", "v9"]))
+            key = draw(st.sampled_from(["unknown", "name", "weight", "v9", 1]))
             parent[key] = copy.deepcopy(draw(st.sampled_from(TRICKY)))
     return data
 
