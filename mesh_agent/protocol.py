@@ -87,10 +87,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_regex(pattern: str | None) -> str | None:
-    return check_regex(pattern)
-
-
 class PathMatch(_Model):
     """Match on the request path (the query string is not part of it). Exactly one field is set.
 
@@ -106,7 +102,7 @@ class PathMatch(_Model):
     def _starts_with_slash(cls, v: str | None) -> str | None:
         return check_path_start(v)
 
-    _regex_ok = field_validator("regex")(_check_regex)
+    _regex_ok = field_validator("regex")(check_regex)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PathMatch:
@@ -130,7 +126,7 @@ class HeaderMatch(_Model):
     def _valid_name(cls, v: str) -> str:
         return check_header_name(v)
 
-    _regex_ok = field_validator("regex")(_check_regex)
+    _regex_ok = field_validator("regex")(check_regex)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> HeaderMatch:
