@@ -30,9 +30,9 @@ from mesh_agent.config import (
     load_last_good,
     save_last_good,
 )
-from mesh_agent.protocol import MeshConfig, config_version
 from mesh_agent.proxy import ConfigHolder
 from mesh_agent.routing import CompiledConfig, compile_config
+from mesh_agent.schema import MeshConfig, config_version, to_json
 
 __all__ = ["ConfigSource", "ConfigStore", "FileSource", "initial_config"]
 
@@ -111,7 +111,7 @@ class ConfigStore:
             "source": error.source,
             "at": time.time(),
             "error": error.detail(),
-            "issues": [i.model_dump() for i in error.issues],
+            "issues": [{"path": i.path, "message": i.message} for i in error.issues],
         }
         kept = self.loaded.version if self.loaded else "none"
         log.error("%s (keeping config %s)", error.detail(), kept)
@@ -126,7 +126,7 @@ class ConfigStore:
             "accepted": self.accepted,
             "rejected": self.rejected,
             "last_error": self.last_error,
-            "config": loaded.config.model_dump(mode="json") if loaded else None,
+            "config": to_json(loaded.config) if loaded else None,
         }
 
 

@@ -27,7 +27,7 @@ import httptools
 from mesh_agent import __version__
 from mesh_agent.config import ConfigError, validate_config
 from mesh_agent.control import ConfigStore
-from mesh_agent.protocol import AgentRegistration, DiscoveryRequest
+from mesh_agent.schema import Registration, to_json
 
 __all__ = ["ControlPlaneError", "ControlPlaneSource", "stable_agent_id"]
 
@@ -173,7 +173,7 @@ class ControlPlaneSource:
         *,
         url: str,
         token: str,
-        registration: AgentRegistration,
+        registration: Registration,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 5.0,
     ) -> None:
@@ -268,7 +268,7 @@ class ControlPlaneSource:
 
     async def _register(self) -> None:
         status, body = await self._conn.request(
-            "POST", "/api/v1/agents", self.registration.model_dump_json().encode(), 10.0
+            "POST", "/api/v1/agents", json.dumps(to_json(self.registration)).encode(), 10.0
         )
         self._check(status, body)
         answer = json.loads(body)
@@ -291,19 +291,20 @@ class ControlPlaneSource:
         reg = self.registration
         while True:
             loaded = self.store.loaded
-            request = DiscoveryRequest(
-                service=reg.service,
-                service_version=reg.version,
-                namespace=reg.namespace,
-                agent_id=reg.agent_id,
-                version=loaded.version if loaded else None,
-                response_nonce=nonce,
-                error_detail=error,
-            )
+            # protocol.DiscoveryRequest, an ACK or NACK; fields that are None are left out
+            request = {
+                "service": reg.service,
+                "service_version": reg.version,
+                "namespace": reg.namespace,
+                "agent_id": reg.agent_id,
+                "version": loaded.version if loaded else None,
+                "response_nonce": nonce,
+                "error_detail": error,
+            }
             status, body = await self._conn.request(
                 "POST",
                 f"/api/v1/agents/{reg.agent_id}/discovery",
-                request.model_dump_json(exclude_none=True).encode(),
+                json.dumps({k: v for k, v in request.items() if v is not None}).encode(),
                 self.hold_s + 15.0,
             )
             self._check(status, body)

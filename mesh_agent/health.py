@@ -12,7 +12,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from mesh_agent import protocol
+from mesh_agent import schema
 from mesh_agent.balancer import Endpoint
 from mesh_agent.routing import CompiledConfig
 
@@ -23,7 +23,7 @@ log = logging.getLogger("mesh_agent.health")
 _MAX_STATUS_LINE = 1024
 
 
-async def probe(endpoint: Endpoint, check: protocol.HealthCheck, host: str) -> bool:
+async def probe(endpoint: Endpoint, check: schema.HealthCheck, host: str) -> bool:
     """One check: True when ``GET check.path`` answers 2xx within ``check.timeout_ms``."""
     request = (
         f"GET {check.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: mesh-agent-health\r\n"
@@ -51,7 +51,7 @@ class _Target:
 
     __slots__ = ("check", "endpoint", "failures", "passes", "service", "task")
 
-    def __init__(self, endpoint: Endpoint, check: protocol.HealthCheck, service: str) -> None:
+    def __init__(self, endpoint: Endpoint, check: schema.HealthCheck, service: str) -> None:
         self.endpoint = endpoint
         self.check = check
         self.service = service
@@ -66,7 +66,7 @@ class HealthChecker:
     def __init__(
         self,
         rng: Callable[[], float] = random.random,
-        probe: Callable[[Endpoint, protocol.HealthCheck, str], Awaitable[bool]] = probe,
+        probe: Callable[[Endpoint, schema.HealthCheck, str], Awaitable[bool]] = probe,
     ) -> None:
         self._rng = rng
         self._probe = probe
@@ -83,7 +83,7 @@ class HealthChecker:
         check changed get a new one, endpoints no longer checked are healthy again."""
         if not self._running:
             return
-        wanted: dict[int, tuple[Endpoint, protocol.HealthCheck, str]] = {}
+        wanted: dict[int, tuple[Endpoint, schema.HealthCheck, str]] = {}
         for svc in config.services:
             check = svc.health_check
             if check is None:

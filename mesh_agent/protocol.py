@@ -3,11 +3,17 @@
 This module is the single source of truth for the dynamic configuration an agent runs on (the
 snapshot the control plane pushes, or the file given with ``mesh-agent --config``) and for the
 discovery messages that carry it. The control plane imports this module; it must therefore
-depend on nothing but pydantic, RE2 (``google-re2``: both sides must accept exactly the same
-route regexes) and the standard library, and never on the rest of ``mesh_agent``.
+depend on nothing but pydantic, :mod:`mesh_agent.schema` (standard library only, RE2 for route
+regexes: both sides must accept exactly the same ones) and the standard library, and never on
+the rest of ``mesh_agent``.
 
 Every model is frozen and forbids unknown fields: a typo in a pushed config is an error the agent
 reports (NACK), not a setting silently ignored.
+
+The agent itself does not import this module: it validates with :mod:`mesh_agent.schema`, the
+same config as plain dataclasses checked without pydantic (~13 MB less RSS per sidecar). The
+checks both need are defined there once and called by the validators here; the field types,
+bounds and defaults are written twice, and tests/agent/test_schema.py holds the two in step.
 
 Field-level validation lives on the models. Validation across fields (a route pointing at a version
 without endpoints, duplicate names) lives in :func:`consistency_errors`, so that both sides run the
@@ -16,13 +22,32 @@ exact same checks: the control plane before it pushes, the agent before it swaps
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mesh_agent.schema import (
+    AGENT_ID_PATTERN,
+    DNS_LABEL,
+    MAX_REGEX_LENGTH,
+    MAX_REGEX_PROGRAM_SIZE,
+    VERSION_NAME,
+    ConfigIssue,
+    check_backoff,
+    check_endpoints,
+    check_header_name,
+    check_health_path,
+    check_methods,
+    check_one_of,
+    check_path_start,
+    check_regex,
+    check_version_names,
+    compile_regex,
+    consistency_errors,
+    content_hash,
+    dns_label,
+    parse_address,
+)
 
 __all__ = [
     "MAX_REGEX_LENGTH",
@@ -57,75 +82,9 @@ __all__ = [
     "parse_address",
 ]
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
-_VERSION_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?\Z")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_METHOD = re.compile(r"^[A-Z]{1,20}\Z")
-_ADDRESS = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>\d{1,5})\Z"
-)
-
-
-def parse_address(address: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
-    """Split ``host:port`` (or ``[v6]:port``) into its parts, or raise ValueError.
-
-    Port 0 only makes sense for a listener (the kernel picks a free port), never for an
-    endpoint to connect to, hence the flag.
-    """
-    m = _ADDRESS.match(address)
-    if m is None:
-        raise ValueError(f"{address!r} is not host:port")
-    port = int(m.group("port"))
-    lowest = 0 if allow_port_zero else 1
-    if not lowest <= port < 65536:
-        raise ValueError(f"port {port} out of range {lowest}-65535")
-    return (m.group("v6") or m.group("host")), port
-
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# Route regexes run on every request, on input an attacker chooses: RE2 matches in time linear
-# in the input (no backtracking, so no `(a+)+b` that freezes the agent), and the size of the
-# compiled program is capped as Envoy caps it (its re2.max_program_size default).
-MAX_REGEX_LENGTH = 1024
-MAX_REGEX_PROGRAM_SIZE = 100
-
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # errors become config issues, not lines on stderr
-
-
-def compile_regex(pattern: str) -> Any:
-    """Compile ``pattern`` with RE2 for matching bytes, or raise ValueError saying why not
-    (syntax RE2 does not support, such as backreferences or lookaround, or a pattern too big)."""
-    if len(pattern) > MAX_REGEX_LENGTH:
-        raise ValueError(f"regular expression longer than {MAX_REGEX_LENGTH} characters")
-    try:
-        compiled = re2.compile(pattern.encode(), _RE2_OPTIONS)
-    except re2.error as exc:
-        detail = exc.args[0] if exc.args else exc
-        if isinstance(detail, bytes):
-            detail = detail.decode(errors="replace")
-        raise ValueError(f"invalid regular expression (RE2 syntax): {detail}") from None
-    if compiled.programsize > MAX_REGEX_PROGRAM_SIZE:
-        raise ValueError(
-            f"regular expression too complex: program size {compiled.programsize} "
-            f"> {MAX_REGEX_PROGRAM_SIZE}"
-        )
-    return compiled
-
-
-def _check_regex(pattern: str | None) -> str | None:
-    if pattern is not None:
-        compile_regex(pattern)
-    return pattern
-
-
-def _one_of(model: BaseModel, fields: tuple[str, ...], what: str) -> None:
-    given = [f for f in fields if getattr(model, f) is not None]
-    if len(given) != 1:
-        raise ValueError(f"{what} needs exactly one of {', '.join(fields)} (got {len(given)})")
 
 
 class PathMatch(_Model):
@@ -141,15 +100,13 @@ class PathMatch(_Model):
     @field_validator("exact", "prefix")
     @classmethod
     def _starts_with_slash(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("/"):
-            raise ValueError("must start with '/'")
-        return v
+        return check_path_start(v)
 
-    _regex_ok = field_validator("regex")(_check_regex)
+    _regex_ok = field_validator("regex")(check_regex)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PathMatch:
-        _one_of(self, ("exact", "prefix", "regex"), "a path match")
+        check_one_of(self, ("exact", "prefix", "regex"), "a path match")
         return self
 
 
@@ -167,15 +124,13 @@ class HeaderMatch(_Model):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, v: str) -> str:
-        if not _HEADER_NAME.match(v):
-            raise ValueError(f"{v!r} is not a valid header name")
-        return v.lower()
+        return check_header_name(v)
 
-    _regex_ok = field_validator("regex")(_check_regex)
+    _regex_ok = field_validator("regex")(check_regex)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> HeaderMatch:
-        _one_of(self, ("exact", "prefix", "regex", "present"), "a header match")
+        check_one_of(self, ("exact", "prefix", "regex", "present"), "a header match")
         return self
 
 
@@ -189,13 +144,7 @@ class RouteMatch(_Model):
     @field_validator("methods")
     @classmethod
     def _valid_methods(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("must not be empty (leave it out to match any method)")
-            for m in v:
-                if not _METHOD.match(m):
-                    raise ValueError(f"{m!r} is not an upper-case HTTP method")
-        return v
+        return check_methods(v)
 
 
 class Backend(_Model):
@@ -229,8 +178,7 @@ class RetryPolicy(_Model):
 
     @model_validator(mode="after")
     def _backoff_order(self) -> RetryPolicy:
-        if self.backoff_max_ms < self.backoff_base_ms:
-            raise ValueError("backoff_max_ms must be >= backoff_base_ms")
+        check_backoff(self)
         return self
 
 
@@ -308,9 +256,7 @@ class HealthCheck(_Model):
     @field_validator("path")
     @classmethod
     def _origin_form(cls, v: str) -> str:
-        if not v.startswith("/") or any(c.isspace() or ord(c) < 0x21 for c in v):
-            raise ValueError("must start with '/' and contain no spaces or control characters")
-        return v
+        return check_health_path(v)
 
 
 class RateLimit(_Model):
@@ -327,11 +273,7 @@ class VersionConfig(_Model):
     @field_validator("endpoints")
     @classmethod
     def _valid_endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for address in v:
-            parse_address(address)
-        if len(set(v)) != len(v):
-            raise ValueError("duplicate endpoint address")
-        return v
+        return check_endpoints(v)
 
 
 class ServiceConfig(_Model):
@@ -357,16 +299,12 @@ class ServiceConfig(_Model):
     @field_validator("name", "namespace")
     @classmethod
     def _dns_label(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v):
-            raise ValueError(f"{v!r} is not a DNS label (lower-case letters, digits, '-')")
-        return v
+        return dns_label(v)
 
     @field_validator("versions")
     @classmethod
     def _version_names(cls, v: dict[str, VersionConfig]) -> dict[str, VersionConfig]:
-        for name in v:
-            if not _VERSION_NAME.match(name):
-                raise ValueError(f"{name!r} is not a valid version name")
+        check_version_names(v)
         return v
 
 
@@ -397,84 +335,10 @@ class MeshConfig(_Model):
     path_normalization: PathNormalization = PathNormalization()
 
 
-class ConfigIssue(_Model):
-    """One validation problem: ``path`` like ``services[0].routes[1].backends[0].version``."""
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-def consistency_errors(config: MeshConfig) -> list[ConfigIssue]:
-    """Cross-field checks that a per-field validator cannot make."""
-    issues: list[ConfigIssue] = []
-    seen: dict[tuple[str, str], int] = {}
-    for i, svc in enumerate(config.services):
-        where = f"services[{i}]"
-        first = seen.setdefault((svc.namespace, svc.name), i)
-        if first != i:
-            issues.append(
-                ConfigIssue(
-                    path=f"{where}.name",
-                    message=f"duplicate service {svc.name!r} in namespace {svc.namespace!r} "
-                    f"(first defined at services[{first}])",
-                )
-            )
-        with_endpoints = sorted(v for v, vc in svc.versions.items() if vc.endpoints)
-        known = ", ".join(with_endpoints) or "none"
-
-        def check_version(
-            path: str, version: str, svc: ServiceConfig = svc, known: str = known
-        ) -> None:
-            if version not in svc.versions:
-                issues.append(
-                    ConfigIssue(
-                        path=path,
-                        message=f"service {svc.name!r} has no version {version!r} "
-                        f"(versions with endpoints: {known})",
-                    )
-                )
-            elif not svc.versions[version].endpoints:
-                issues.append(
-                    ConfigIssue(
-                        path=path,
-                        message=f"version {version!r} of service {svc.name!r} has no endpoints "
-                        f"(versions with endpoints: {known})",
-                    )
-                )
-
-        route_names: dict[str, int] = {}
-        for j, route in enumerate(svc.routes):
-            rwhere = f"{where}.routes[{j}]"
-            prev = route_names.setdefault(route.name, j)
-            if prev != j:
-                issues.append(
-                    ConfigIssue(
-                        path=f"{rwhere}.name",
-                        message=f"duplicate route name {route.name!r} in service {svc.name!r} "
-                        f"(first at {where}.routes[{prev}])",
-                    )
-                )
-            for k, backend in enumerate(route.backends):
-                check_version(f"{rwhere}.backends[{k}].version", backend.version)
-            if sum(b.weight for b in route.backends) == 0:
-                issues.append(ConfigIssue(path=f"{rwhere}.backends", message="weights sum to 0"))
-            if route.mirror is not None:
-                check_version(f"{rwhere}.mirror.version", route.mirror.version)
-        if not svc.routes and not with_endpoints:
-            issues.append(ConfigIssue(path=f"{where}.versions", message="no version has endpoints"))
-    return issues
-
-
 def config_version(config: MeshConfig) -> str:
     """Content hash of a config: equal content gives an equal version on both sides, whatever
     the formatting or key order of the source."""
-    canonical = json.dumps(
-        config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=True
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return content_hash(config.model_dump(mode="json"))
 
 
 class DiscoveryResponse(_Model):
@@ -505,7 +369,7 @@ class AgentRegistration(_Model):
     """Agent → control plane, once per connection: who this agent is and where callers reach
     its inbound listener. ``agent_id`` is stable across restarts of the same instance."""
 
-    agent_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    agent_id: Annotated[str, Field(min_length=1, max_length=64, pattern=AGENT_ID_PATTERN)]
     service: str
     namespace: str = "default"
     version: str
@@ -516,14 +380,14 @@ class AgentRegistration(_Model):
     @field_validator("service", "namespace")
     @classmethod
     def _dns_label(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v) or v.endswith("\n"):
+        if not DNS_LABEL.match(v) or v.endswith("\n"):
             raise ValueError(f"{v!r} is not a DNS label (lower-case letters, digits, '-')")
         return v
 
     @field_validator("version")
     @classmethod
     def _version_name(cls, v: str) -> str:
-        if not _VERSION_NAME.match(v) or v.endswith("\n"):
+        if not VERSION_NAME.match(v) or v.endswith("\n"):
             raise ValueError(f"{v!r} is not a valid version name")
         return v
 

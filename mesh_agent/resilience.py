@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from mesh_agent import protocol
+from mesh_agent import schema
 from mesh_agent.balancer import Endpoint
 
 __all__ = [
@@ -139,7 +139,7 @@ class RetryRules:
         "per_try_timeout_s",
     )
 
-    def __init__(self, policy: protocol.RetryPolicy) -> None:
+    def __init__(self, policy: schema.RetryPolicy) -> None:
         self.attempts = policy.attempts
         self.per_try_timeout_s = (
             policy.per_try_timeout_ms / 1000.0 if policy.per_try_timeout_ms else None
@@ -179,7 +179,7 @@ class OutlierDetector:
 
     __slots__ = ("_base", "_clock", "_max", "enabled", "threshold")
 
-    def __init__(self, policy: protocol.OutlierDetection, clock: Clock = time.monotonic) -> None:
+    def __init__(self, policy: schema.OutlierDetection, clock: Clock = time.monotonic) -> None:
         self.enabled = policy.enabled
         self.threshold = policy.consecutive_5xx
         self._base = policy.base_ejection_ms / 1000.0
@@ -212,7 +212,7 @@ class FaultInjector:
 
     __slots__ = ("_rng", "abort_percent", "abort_status", "delay_percent", "delay_s")
 
-    def __init__(self, policy: protocol.FaultPolicy, rng: Rng = random.random) -> None:
+    def __init__(self, policy: schema.FaultPolicy, rng: Rng = random.random) -> None:
         self.delay_percent = policy.delay.percent if policy.delay else 0.0
         self.delay_s = policy.delay.duration_ms / 1000.0 if policy.delay else 0.0
         self.abort_percent = policy.abort.percent if policy.abort else 0.0

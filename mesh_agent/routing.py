@@ -1,6 +1,6 @@
 """Compiled route tables.
 
-A validated :class:`~mesh_agent.protocol.MeshConfig` is compiled once per config version into
+A validated :class:`~mesh_agent.schema.MeshConfig` is compiled once per config version into
 plain objects the hot path can use without further parsing: byte strings to compare, regexes
 compiled once, cumulative weights for the version split, balancers over shared endpoints.
 A compiled config is never mutated; a new version compiles a new one.
@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 
-from mesh_agent import protocol
+from mesh_agent import schema
 from mesh_agent.balancer import (
     DEFAULT_PANIC_PERCENT,
     Balancer,
@@ -73,11 +73,11 @@ class VersionPool:
 class _HeaderMatcher:
     __slots__ = ("exact", "invert", "name", "prefix", "present", "regex")
 
-    def __init__(self, m: protocol.HeaderMatch) -> None:
+    def __init__(self, m: schema.HeaderMatch) -> None:
         self.name = m.name.encode("latin-1")
         self.exact = m.exact.encode("latin-1") if m.exact is not None else None
         self.prefix = m.prefix.encode("latin-1") if m.prefix is not None else None
-        self.regex = protocol.compile_regex(m.regex) if m.regex is not None else None
+        self.regex = schema.compile_regex(m.regex) if m.regex is not None else None
         self.present = m.present
         self.invert = m.invert
 
@@ -118,8 +118,8 @@ class CompiledRoute:
 
     def __init__(
         self,
-        route: protocol.Route,
-        service: protocol.ServiceConfig,
+        route: schema.Route,
+        service: schema.ServiceConfig,
         pools: Mapping[str, VersionPool],
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -128,7 +128,7 @@ class CompiledRoute:
         self.path_exact = path.exact.encode() if path and path.exact is not None else None
         self.path_prefix = path.prefix.encode() if path and path.prefix is not None else None
         self.path_regex = (
-            protocol.compile_regex(path.regex) if path and path.regex is not None else None
+            schema.compile_regex(path.regex) if path and path.regex is not None else None
         )
         self.methods = (
             frozenset(m.encode() for m in route.match.methods) if route.match.methods else None
@@ -197,7 +197,7 @@ class CompiledService:
 
     def __init__(
         self,
-        svc: protocol.ServiceConfig,
+        svc: schema.ServiceConfig,
         registry: EndpointRegistry,
         clock: Callable[[], float],
         rng: Callable[[], float],
@@ -209,7 +209,7 @@ class CompiledService:
         pools: dict[str, VersionPool] = {}
         for version, vc in svc.versions.items():
             if vc.endpoints:
-                eps = tuple(registry.get(*protocol.parse_address(a)) for a in vc.endpoints)
+                eps = tuple(registry.get(*schema.parse_address(a)) for a in vc.endpoints)
                 pools[version] = VersionPool(
                     version, eps, svc.load_balancer, svc.panic_threshold_percent
                 )
@@ -218,11 +218,10 @@ class CompiledService:
         if not routes:
             # No policy yet: spread over all endpoints, each version weighted by its size.
             routes = (
-                protocol.Route(
+                schema.Route(
                     name="default",
                     backends=tuple(
-                        protocol.Backend(version=v, weight=len(p.endpoints))
-                        for v, p in pools.items()
+                        schema.Backend(version=v, weight=len(p.endpoints)) for v, p in pools.items()
                     ),
                 ),
             )
@@ -263,7 +262,7 @@ class CompiledService:
         return None
 
 
-def _bucket(policy: protocol.RateLimit | None, clock: Callable[[], float]) -> TokenBucket | None:
+def _bucket(policy: schema.RateLimit | None, clock: Callable[[], float]) -> TokenBucket | None:
     if policy is None:
         return None
     return TokenBucket(policy.requests_per_second, policy.burst, clock)
@@ -281,7 +280,7 @@ class Inbound:
 
     def __init__(
         self,
-        policy: protocol.InboundPolicy,
+        policy: schema.InboundPolicy,
         clock: Callable[[], float],
         previous: Inbound | None = None,
     ) -> None:
@@ -306,7 +305,7 @@ class CompiledConfig:
 
     def __init__(
         self,
-        config: protocol.MeshConfig,
+        config: schema.MeshConfig,
         version: str,
         registry: EndpointRegistry,
         clock: Callable[[], float] = time.monotonic,
@@ -352,7 +351,7 @@ class CompiledConfig:
 
 
 def compile_config(
-    config: protocol.MeshConfig,
+    config: schema.MeshConfig,
     version: str,
     registry: EndpointRegistry,
     clock: Callable[[], float] = time.monotonic,

@@ -346,7 +346,8 @@ def test_mesh_agent_imports_none_of_the_control_planes_modules() -> None:
     loaded = set(done.stdout.split())
     forbidden = {d.replace("-", "_") for d in CONTROL_PLANE_ONLY} | {"multipart", "app"}
     assert loaded & forbidden == set()
-    assert {"opentelemetry", "yaml", "pydantic"} <= loaded
+    # PyYAML is imported on the first YAML config only (mesh_agent.config), so not here.
+    assert {"opentelemetry", "pydantic"} <= loaded
 
 
 def test_the_agent_entrypoint_reads_the_token_file(tmp_path: Path) -> None:

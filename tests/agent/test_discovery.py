@@ -26,7 +26,7 @@ from mesh_agent.balancer import EndpointRegistry
 from mesh_agent.config import ConfigError, LoadedConfig
 from mesh_agent.control import ConfigStore
 from mesh_agent.discovery import ControlPlaneSource, stable_agent_id
-from mesh_agent.protocol import AgentRegistration, ConfigIssue
+from mesh_agent.schema import ConfigIssue, registration
 from tests.agent.support import run, wait_until
 from tests.conftest import ADMIN_EMAIL, api_token
 
@@ -81,12 +81,12 @@ def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
 
 def _source(cp: ControlPlane, tmp: Path, token: str | None = None) -> ControlPlaneSource:
     store = ConfigStore(EndpointRegistry(), state_dir=tmp / "state")
-    registration = AgentRegistration(
+    reg = registration(
         agent_id=stable_agent_id("default", "web", "v1", None),
         service="web",
         version="v1",
     )
-    return ControlPlaneSource(store, url=cp.url, token=token or cp.token, registration=registration)
+    return ControlPlaneSource(store, url=cp.url, token=token or cp.token, registration=reg)
 
 
 def _weights(loaded: LoadedConfig | None) -> dict[str, int]:
