@@ -1,13 +1,21 @@
-"""The OTLP receiver's moving parts behind the routes: guards, decoding, and the rollup writer.
+"""The OTLP receiver's moving parts behind the routes: guards, decoding, and the writers.
 
-Spans are stored by the request that carried them (512 spans make one INSERT worth its
-transaction). Metric requests are small and frequent (1,000 agents every 10 s are 100 a second)
-and would spend most of their time beginning and committing transactions, so they are group
-committed: each request hands its decoded deltas to one writer thread and waits for the
-transaction that stores them; the writer takes everything queued while reports keep coming
-(up to 250 ms after the first) and writes it in one transaction. A request is still answered
-only once its data is committed, and a failed transaction fails every request in it (they
-retry), so nothing is half stored.
+Both kinds of export are group committed: a transaction costs about as much as the rows in it
+(SQLite's commit writes and syncs every page it touched; PostgreSQL's syncs its WAL), so
+requests that arrive while the previous transaction is being written share the next one.
+
+Spans are decoded and stored in a worker process (``MESH_OTLP_WORKER_PROCESSES``). Span exports
+that arrive while the worker is busy are sent to it together, as one call: it decodes and
+checks each one on its own (a malformed one gets its 400 and stores nothing), stores the rows
+of all the others in one transaction, and each request is answered once that commits.
+
+Metric requests are small and frequent (1,000 agents every 10 s are 100 a second): each hands
+its decoded deltas to one writer thread and waits for the transaction that stores them; the
+writer takes everything queued while reports keep coming (up to 250 ms after the first) and
+writes it in one transaction.
+
+Either way a request is answered only once its data is committed, and a failed transaction
+fails every request in it (they retry), so nothing is half stored.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -36,7 +45,7 @@ from app.db import Database, session_scope
 from app.telemetry import ingest, otlp
 from app.telemetry.throttle import ClientRateLimiter, IngestSlots
 
-__all__ = ["Receiver", "RollupWriter"]
+__all__ = ["Receiver", "RollupWriter", "SpanBatcher"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +162,7 @@ class Receiver:
         self.slots = IngestSlots(settings.otlp_max_concurrent, settings.otlp_max_waiting)
         self.writer = RollupWriter(database)
         self._processes: ProcessPoolExecutor | None = None
+        self._span_batches: SpanBatcher | None = None
         if settings.otlp_worker_processes:
             self._processes = ProcessPoolExecutor(
                 max_workers=settings.otlp_worker_processes,
@@ -163,6 +173,7 @@ class Receiver:
             )
             # Started by the first span export, not here: most apps a test suite creates
             # never receive one, and spawning costs a second or more.
+            self._span_batches = SpanBatcher(self._processes, settings.otlp_worker_processes)
 
     def close(self) -> None:
         self.writer.close()
@@ -175,11 +186,9 @@ class Receiver:
         """Decode and store one trace export; the response body. In a worker process when
         there is one, else in a thread; either way this coroutine only waits."""
         limiter = self.slots.limiter
-        if self._processes is not None:
+        if self._span_batches is not None:
             async with limiter:
-                future = self._processes.submit(
-                    _store_traces_in_worker, body, encoding, content_encoding
-                )
+                future = self._span_batches.submit((body, encoding, content_encoding))
                 response, received, stored, seconds = await asyncio.wrap_future(future)
         else:
             work = partial(
@@ -220,29 +229,137 @@ class Receiver:
         return ingest.rollup_deltas(otlp.decode_metrics(data, encoding), now_ns=time.time_ns())
 
 
+TraceExport = tuple[bytes, otlp.Encoding, str | None]  # body, encoding, content encoding
+# (response body, spans received, spans stored, seconds taken)
+TraceResult = tuple[bytes, int, int, float]
+Waiting = list[tuple[TraceExport, concurrent.futures.Future[TraceResult]]]
+
+
 def _store_traces(
     database: Database,
     settings: Settings,
     body: bytes,
     encoding: otlp.Encoding,
     content_encoding: str | None,
-) -> tuple[bytes, int, int, float]:
-    """(response body, spans received, spans stored, seconds taken); raises OtlpError."""
-    started = time.perf_counter()
-    data = otlp.decompress(body, content_encoding, settings.otlp_max_bytes)
-    request = otlp.decode_traces(data, encoding)
-    rows = ingest.span_rows(
-        request,
-        max_attribute_bytes=settings.span_attributes_max_bytes,
-        received_at=datetime.now(UTC),
-    )
-    stored = 0
-    if rows and settings.otlp_store:
+) -> TraceResult:
+    """One export decoded and stored in its own transaction; raises OtlpError."""
+    (result,) = _store_trace_batch(database, settings, [(body, encoding, content_encoding)])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _store_trace_batch(
+    database: Database, settings: Settings, exports: Sequence[TraceExport]
+) -> list[TraceResult | Exception]:
+    """Each export decoded and checked on its own, the rows of all good ones stored in one
+    transaction: per export its result, or the OtlpError it is refused with (an export that
+    is refused stores nothing; a failed transaction fails them all)."""
+    results: list[TraceResult | Exception] = []
+    batch: list[ingest.SpanRow] = []
+    received_at = datetime.now(UTC)
+    for body, encoding, content_encoding in exports:
+        started = time.perf_counter()
+        try:
+            data = otlp.decompress(body, content_encoding, settings.otlp_max_bytes)
+            request = otlp.decode_traces(data, encoding)
+            rows = ingest.span_rows(
+                request,
+                max_attribute_bytes=settings.span_attributes_max_bytes,
+                received_at=received_at,
+            )
+        except otlp.OtlpError as exc:
+            results.append(exc)
+            continue
+        batch += rows
+        stored = len(rows) if settings.otlp_store else 0
+        response = otlp.encode_response(encoding, "traces")
+        results.append((response, len(rows), stored, time.perf_counter() - started))
+    if batch and settings.otlp_store:
+        started = time.perf_counter()
         with _transaction(database, write=True) as session:
-            ingest.store_spans(session, rows)
-        stored = len(rows)
-    response = otlp.encode_response(encoding, "traces")
-    return response, len(rows), stored, time.perf_counter() - started
+            ingest.store_spans(session, batch)
+        shared = time.perf_counter() - started
+        results = [
+            (r[0], r[1], r[2], r[3] + shared) if not isinstance(r, Exception) else r
+            for r in results
+        ]
+    return results
+
+
+class SpanBatcher:
+    """Sends span exports to the worker processes, those that wait as one call.
+
+    At most one call per worker process is in flight; exports that arrive meanwhile queue
+    here and go together in the next call, which the worker stores in one transaction (up to
+    ``max_batch`` exports: bounded memory and latency). Thread-safe: futures complete from
+    the pool's own thread, and each request awaits its own concurrent future."""
+
+    def __init__(self, pool: ProcessPoolExecutor, in_flight: int, *, max_batch: int = 16) -> None:
+        self._pool = pool
+        self._max_in_flight = in_flight
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+        self._waiting: Waiting = []
+        self._in_flight = 0
+        self.calls = 0
+
+    def submit(self, export: TraceExport) -> concurrent.futures.Future[TraceResult]:
+        future: concurrent.futures.Future[TraceResult] = concurrent.futures.Future()
+        with self._lock:
+            self._waiting.append((export, future))
+            batch = self._take()
+        if batch:
+            self._send(batch)
+        return future
+
+    def _take(self) -> Waiting:
+        """The next batch to send, if a call may start now (called with the lock held)."""
+        if not self._waiting or self._in_flight >= self._max_in_flight:
+            return []
+        batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+        self._in_flight += 1
+        self.calls += 1
+        return batch
+
+    def _send(self, batch: Waiting) -> None:
+        try:
+            call = self._pool.submit(_store_traces_in_worker, [export for export, _ in batch])
+        except Exception as exc:  # the pool is shut down or broken
+            self._finish(batch, exc, [])
+            return
+        call.add_done_callback(partial(self._done, batch))
+
+    def _done(
+        self,
+        batch: Waiting,
+        call: concurrent.futures.Future[list[TraceResult | Exception]],
+    ) -> None:
+        if call.cancelled():
+            self._finish(batch, concurrent.futures.CancelledError(), [])
+            return
+        error = call.exception()
+        self._finish(batch, error, [] if error is not None else call.result())
+
+    def _finish(
+        self,
+        batch: Waiting,
+        error: BaseException | None,
+        results: list[TraceResult | Exception],
+    ) -> None:
+        for i, (_, future) in enumerate(batch):
+            if future.done():
+                continue
+            outcome = error if error is not None else results[i]
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        with self._lock:
+            self._in_flight -= 1
+            following = self._take()
+        if following:
+            self._send(following)
 
 
 # -- the worker process ------------------------------------------------------------------------
@@ -267,15 +384,12 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-def _store_traces_in_worker(
-    body: bytes, encoding: otlp.Encoding, content_encoding: str | None
-) -> tuple[bytes, int, int, float]:
+def _store_traces_in_worker(exports: list[TraceExport]) -> list[TraceResult | Exception]:
     assert _worker is not None
     database, settings = _worker
     try:
-        return _store_traces(database, settings, body, encoding, content_encoding)
-    except otlp.OtlpError:
-        raise
+        return _store_trace_batch(database, settings, exports)
     except OperationalError:
         # Database errors do not all survive pickling; what the sender needs is "retry".
-        raise otlp.OtlpError(503, "the database is busy; retry later", "database_busy") from None
+        busy = otlp.OtlpError(503, "the database is busy; retry later", "database_busy")
+        return [busy] * len(exports)
