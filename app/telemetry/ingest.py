@@ -548,16 +548,25 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
         if stored is None:
             stored = converted[start] = bucket_value(start)
         by_stored_key[(key[0], stored, *key[2:])] = delta
-    # The stored rows of exactly these keys, each found through the unique key's index: the
-    # keys go in as one parameter (a JSON array on SQLite, arrays on PostgreSQL) joined to
-    # the table. (Searching the buckets for the destinations instead read every row of a
-    # bucket to those services, mostly other sources' rows: half of what a write cost.)
-    keys = list(by_stored_key)
     if placeholder == "?":
-        existing = connection.exec_driver_sql(_SQLITE_EXISTING, (_encode_json(keys),))
+        # On SQLite, the stored rows of exactly these keys, each found through the unique
+        # key's index: the keys go in as one JSON array joined to the table. (Searching the
+        # buckets for the destinations read every row of a bucket to those services, mostly
+        # other sources' rows: half of what a write cost.)
+        keys = _encode_json(list(by_stored_key))
+        existing = connection.exec_driver_sql(_SQLITE_EXISTING, (keys,))
     else:
+        # PostgreSQL planned the same join (from unnest) as a hash join over a scan of the
+        # whole table; the buckets' rows to these destinations, found through the index of
+        # the unique key's leading columns, cost less. One equality pair per bucket, ORed.
+        buckets = sorted({(key[0], key[1]) for key in by_stored_key})
+        dests = sorted({key[6] for key in by_stored_key})
+        pair = "(resolution_s = %s AND bucket_start = %s)"
         existing = connection.exec_driver_sql(
-            _POSTGRES_EXISTING, tuple(list(column) for column in zip(*keys, strict=True))
+            f"SELECT {_ROLLUP_COLUMN_LIST} FROM edge_rollups "  # noqa: S608 (placeholders only)
+            f"WHERE ({' OR '.join([pair] * len(buckets))}) "
+            f"AND dest_service IN ({', '.join(['%s'] * len(dests))})",
+            (*(value for bucket in buckets for value in bucket), *dests),
         )
     loads = json.loads
     for row in existing:
@@ -600,13 +609,6 @@ _SQLITE_EXISTING = (
     + " AND ".join(
         f"r.{name} = json_extract(k.value, '$[{i}]')" for i, name in enumerate(_ROLLUP_KEY_NAMES)
     )
-)
-_KEY_ARRAY_TYPES = ("int", "timestamptz", "text", "text", "text", "text", "text", "text")
-_POSTGRES_EXISTING = (
-    f"SELECT {_STORED_COLUMNS} FROM unnest("  # noqa: S608
-    + ", ".join(f"%s::{kind}[]" for kind in _KEY_ARRAY_TYPES)
-    + f") AS k({', '.join(_ROLLUP_KEY_NAMES)}) JOIN edge_rollups AS r ON "
-    + " AND ".join(f"r.{name} = k.{name}" for name in _ROLLUP_KEY_NAMES)
 )
 # {p} is the driver's placeholder: ? for sqlite3, %s for psycopg (both positional). The JSON
 # text goes into a JSON column on SQLite and, cast by the server, a JSONB one on PostgreSQL.
