@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
-from sqlalchemy import Table, and_, func, or_, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -36,8 +36,10 @@ from app.telemetry.otlp import OtlpError, any_value, attributes
 __all__ = [
     "FAILURE_CLASSES",
     "METRIC_NAME",
+    "SPAN_COLUMNS",
     "IngestResult",
     "RollupDelta",
+    "SpanRow",
     "ingest_metrics",
     "ingest_traces",
     "rollup_deltas",
@@ -60,6 +62,8 @@ _ZERO_SPAN = bytes(8)
 _MAX_FUTURE_NS = 5 * 60 * 10**9
 # One advisory-lock key for all metric writers on PostgreSQL (the ASCII of "meshrlup").
 _ROLLUP_LOCK = 0x6D6573_68726C7570
+_BOUNDS = [float(b) for b in histogram.LATENCY_BOUNDS_MS]
+_DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 
 
 @dataclass(frozen=True)
@@ -72,12 +76,36 @@ class IngestResult:
 # ---------------------------------------------------------------------------------------------
 # Spans
 
+# A stored span as the INSERT takes it: the spans table's columns but its id, in this order
+# (SPAN_COLUMNS), with the attributes already JSON text. Tuples, not dicts: at 20,000 spans a
+# second, building a dict per span and processing its parameters by name cost more than
+# SQLite's insert (measured, bench/telemetry.py).
+SpanRow = tuple[
+    str,  # trace_id: lower-case hex
+    str,  # span_id
+    str | None,  # parent_span_id
+    str,  # name
+    int,  # kind
+    str,  # service
+    str,  # namespace
+    str,  # version
+    int,  # start_ns
+    int,  # end_ns
+    float,  # duration_ms
+    int | None,  # http_status
+    bool,  # error
+    str,  # attributes, as JSON text
+    datetime,  # received_at
+]
+SPAN_COLUMNS: tuple[str, ...] = tuple(c.name for c in Span.__table__.columns if c.name != "id")
+assert SPAN_COLUMNS[-1] == "received_at"  # the SQLite store converts the last field
+
 
 def span_rows(
     request: ExportTraceServiceRequest, *, max_attribute_bytes: int, received_at: datetime
-) -> list[dict[str, Any]]:
+) -> list[SpanRow]:
     """One insert row per span; raises OtlpError(400) if any span is unusable (ids, times)."""
-    rows: list[dict[str, Any]] = []
+    rows: list[SpanRow] = []
     append = rows.append
     for resource_spans in request.resource_spans:
         resource = attributes(resource_spans.resource.attributes)
@@ -101,28 +129,29 @@ def span_rows(
                     raise OtlpError(400, "a span's time is out of range", "malformed")
                 attrs = _bounded_attributes(span.attributes, max_attribute_bytes)
                 http_status = _http_status(attrs)
-                if span.status.message:
-                    attrs["otel.status_description"] = span.status.message[:512]
+                status = span.status
+                if status.message:
+                    attrs["otel.status_description"] = status.message[:512]
                 append(
-                    {
-                        "trace_id": trace_id.hex(),
-                        "span_id": span_id.hex(),
-                        "parent_span_id": parent.hex() if parent and parent != _ZERO_SPAN else None,
-                        "name": span.name[:255],
-                        "kind": span.kind,
-                        "service": service,
-                        "namespace": namespace,
-                        "version": version,
-                        "start_ns": start,
-                        "end_ns": end,
+                    (
+                        trace_id.hex(),
+                        span_id.hex(),
+                        parent.hex() if parent and parent != _ZERO_SPAN else None,
+                        span.name[:255],
+                        span.kind,
+                        service,
+                        namespace,
+                        version,
+                        start,
+                        end,
                         # A span whose clock ran backwards is stored with no duration, not < 0.
-                        "duration_ms": max(0, end - start) / 1e6,
-                        "http_status": http_status,
-                        "error": span.status.code == _STATUS_ERROR
+                        (end - start) / 1e6 if end > start else 0.0,
+                        http_status,
+                        status.code == _STATUS_ERROR
                         or (http_status is not None and http_status >= 500),
-                        "attributes": attrs,
-                        "received_at": received_at,
-                    }
+                        _json_dumps(attrs),
+                        received_at,
+                    )
                 )
     return rows
 
@@ -135,13 +164,13 @@ def ingest_traces(
     return IngestResult(accepted=len(rows))
 
 
-def store_spans(session: Session, rows: list[dict[str, Any]]) -> None:
-    """One multi-row INSERT; a span sent twice (an exporter retrying after a lost response)
-    is stored once."""
+def store_spans(session: Session, rows: Sequence[SpanRow]) -> None:
+    """Insert the rows in the session's transaction; a span sent twice (an exporter retrying
+    after a lost response) is stored once."""
     if not rows:
         return
-    # On the connection, not the session: a Session given an ORM entity's INSERT takes the
-    # ORM bulk path, which here sent one statement per row (~20x slower, measured).
+    # On the raw DBAPI connection, not through SQLAlchemy's parameter processing: per-row
+    # processing by column name cost more than the database's own work (measured).
     connection = session.connection()
     if connection.dialect.name == "sqlite":
         _store_spans_sqlite(connection, rows)
@@ -152,71 +181,93 @@ def store_spans(session: Session, rows: list[dict[str, Any]]) -> None:
     statement = _insert(session, Span).on_conflict_do_nothing(
         index_elements=["trace_id", "span_id"]
     )
-    connection.execute(statement, rows)
+    connection.execute(
+        statement,
+        [
+            {**dict(zip(SPAN_COLUMNS, row, strict=True)), "attributes": json.loads(row[-2])}
+            for row in rows
+        ],
+    )
 
 
-_SPAN_COLUMNS = tuple(c.name for c in Span.__table__.columns if c.name != "id")
-
-
-def _store_spans_sqlite(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    """The same INSERT … ON CONFLICT DO NOTHING, compiled by SQLAlchemy once, executed with
-    positional tuples: per-row parameter processing was half the cost of storing a span on
-    SQLite (measured). The two columns that need a conversion get the columns' own one."""
-    dialect = connection.dialect
-    table = cast(Table, Span.__table__)
-    compiled = _SQLITE_SPAN_INSERT.get(id(dialect))
-    if compiled is None:
-        statement = sqlite.insert(table).on_conflict_do_nothing(
-            index_elements=["trace_id", "span_id"]
-        )
-        compiled = statement.compile(dialect=dialect, column_keys=list(_SPAN_COLUMNS))
-        _SQLITE_SPAN_INSERT[id(dialect)] = compiled
-    order = compiled.positiontup
-    assert order is not None
-    received = table.c.received_at.type.bind_processor(dialect) or _identity
-    attributes_at = order.index("attributes")
-    received_at = order.index("received_at")
-    params = []
-    for row in rows:
-        values = [row[name] for name in order]
-        values[attributes_at] = _json_dumps(values[attributes_at])
-        values[received_at] = received(values[received_at])
-        params.append(tuple(values))
-    connection.exec_driver_sql(str(compiled), params)
-
-
-_SQLITE_SPAN_INSERT: dict[int, Any] = {}
-
-# PostgreSQL: COPY into a per-connection staging table, then one INSERT … SELECT … ON CONFLICT
-# DO NOTHING into spans (COPY alone cannot skip a span sent twice). psycopg formats COPY rows
-# in C; the INSERT with its per-row parameter processing in SQLAlchemy cost several times
-# more per span. The staging table lives as long as the pooled connection and empties at
-# every commit.
 # Column names from the model, not input: the f-strings below are constants (hence noqa).
-_COPY_COLUMNS = ", ".join(_SPAN_COLUMNS)
-_STAGING_DDL = (
-    "CREATE TEMP TABLE IF NOT EXISTS mesh_spans_in ON COMMIT DELETE ROWS AS "  # noqa: S608
-    f"SELECT {_COPY_COLUMNS} FROM spans WITH NO DATA"
-)
-_STAGING_COPY = f"COPY mesh_spans_in ({_COPY_COLUMNS}) FROM STDIN"
-_STAGING_MOVE = (
-    f"INSERT INTO spans ({_COPY_COLUMNS}) SELECT {_COPY_COLUMNS} FROM mesh_spans_in "  # noqa: S608
+_COLUMN_LIST = ", ".join(SPAN_COLUMNS)
+_SQLITE_INSERT = (
+    f"INSERT INTO spans ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(SPAN_COLUMNS))}) "  # noqa: S608
     "ON CONFLICT (trace_id, span_id) DO NOTHING"
 )
 
 
-def _store_spans_copy(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    """The same INSERT … ON CONFLICT DO NOTHING as the generic path, fed by COPY."""
+def _store_spans_sqlite(connection: Connection, rows: Sequence[SpanRow]) -> None:
+    """executemany of one prepared INSERT … ON CONFLICT DO NOTHING with the tuples as they
+    are; received_at, the one column that needs a conversion, is converted once per value
+    (a request's rows share it) by the column's own type."""
+    convert = _received_at_processor(connection)
+    last: datetime | None = None
+    stamp: Any = None
+    params: list[tuple[Any, ...]] = []
+    append = params.append
+    for row in rows:
+        at = row[-1]  # received_at
+        if at is not last:
+            last, stamp = at, convert(at)
+        append((*row[:-1], stamp))
+    connection.exec_driver_sql(_SQLITE_INSERT, params)
+
+
+def _received_at_processor(connection: Connection) -> Callable[[Any], Any]:
+    dialect = connection.dialect
+    processor = _RECEIVED_AT_PROCESSORS.get(id(dialect))
+    if processor is None:
+        column = cast(Table, Span.__table__).c.received_at
+        # The whole conversion SQLAlchemy applies (the decorator's and its impl's): the
+        # stored text on SQLite, an aware datetime for psycopg.
+        processor = column.type.dialect_impl(dialect).bind_processor(dialect) or _identity
+        _RECEIVED_AT_PROCESSORS[id(dialect)] = processor
+    return processor
+
+
+_RECEIVED_AT_PROCESSORS: dict[int, Callable[[Any], Any]] = {}
+
+# PostgreSQL: COPY straight into spans, in a savepoint. COPY cannot skip a span that is already
+# stored, so when one is (an exporter retried a batch whose answer it lost), the savepoint is
+# rolled back and the batch goes the slow way: COPY into a per-connection staging table, then
+# INSERT … SELECT … ON CONFLICT DO NOTHING. The staging round trip cost the database about as
+# much again as the COPY itself, for every batch (measured); now only retried batches pay it.
+_DIRECT_COPY = f"COPY spans ({_COLUMN_LIST}) FROM STDIN"
+_STAGING_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS mesh_spans_in ON COMMIT DELETE ROWS AS "  # noqa: S608
+    f"SELECT {_COLUMN_LIST} FROM spans WITH NO DATA"
+)
+_STAGING_COPY = f"COPY mesh_spans_in ({_COLUMN_LIST}) FROM STDIN"
+_STAGING_MOVE = (
+    f"INSERT INTO spans ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM mesh_spans_in "  # noqa: S608
+    "ON CONFLICT (trace_id, span_id) DO NOTHING"
+)
+
+
+def _store_spans_copy(connection: Connection, rows: Sequence[SpanRow]) -> None:
+    """The same INSERT … ON CONFLICT DO NOTHING as the generic path, fed by COPY (psycopg
+    formats COPY rows in C)."""
+    from psycopg.errors import UniqueViolation  # only ever imported with psycopg in use
+
     driver = connection.connection.driver_connection
     assert driver is not None
-    attributes_at = _SPAN_COLUMNS.index("attributes")
     with driver.cursor() as cursor:
+        cursor.execute("SAVEPOINT mesh_spans")
+        try:
+            with cursor.copy(_DIRECT_COPY) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except UniqueViolation:
+            cursor.execute("ROLLBACK TO SAVEPOINT mesh_spans")
+        else:
+            cursor.execute("RELEASE SAVEPOINT mesh_spans")
+            return
         cursor.execute(_STAGING_DDL)
         with cursor.copy(_STAGING_COPY) as copy:
             for row in rows:
-                values = [row[name] for name in _SPAN_COLUMNS]
-                values[attributes_at] = _json_dumps(values[attributes_at])
-                copy.write_row(values)
+                copy.write_row(row)
         cursor.execute(_STAGING_MOVE)
         # Emptied now, not only at commit: a caller may store twice in one transaction.
         cursor.execute("DELETE FROM mesh_spans_in")
@@ -226,41 +277,48 @@ def _identity(value: Any) -> Any:
     return value
 
 
+_encode_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _json_dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    return _encode_json(value)
 
 
 def _bounded_attributes(pairs: Sequence[Any], max_bytes: int) -> dict[str, Any]:
     """Attributes as a dict of at most about ``max_bytes`` of JSON: long strings are cut, and
     past the budget the remaining keys are dropped and ``mesh.truncated`` says so.
 
-    Written for speed (it runs for every attribute of every span): scalar values are read
-    straight off the protobuf, only nested values take the general path."""
+    Written for speed (it runs for every attribute of every span): a non-empty string, the
+    common case, is read straight off the protobuf without asking which kind the value is
+    (WhichOneof cost more than the rest of the loop, measured); only nested values take the
+    general path."""
     out: dict[str, Any] = {}
     budget = max_bytes
     longest = max(64, max_bytes // 4)
     for kv in pairs:
         key = kv.key
         wrapped = kv.value
-        kind = wrapped.WhichOneof("value")
-        value: Any
-        if kind == "string_value":
-            value = wrapped.string_value
+        value: Any = wrapped.string_value
+        if value:
             if len(value) > longest:
                 value = value[:longest] + "…"
             budget -= len(key) + len(value) + 8
-        elif kind == "int_value" or kind == "bool_value" or kind == "double_value":
-            value = getattr(wrapped, kind)
-            budget -= len(key) + 24
         else:
-            value = any_value(wrapped)
-            if isinstance(value, list | dict):
-                encoded = json.dumps(value, default=str)
-                if len(encoded) > longest:
-                    value = encoded[:longest] + "…"
-                budget -= len(key) + min(len(encoded), longest) + 8
+            kind = wrapped.WhichOneof("value")
+            if kind == "string_value":
+                budget -= len(key) + 8
+            elif kind == "int_value" or kind == "bool_value" or kind == "double_value":
+                value = getattr(wrapped, kind)
+                budget -= len(key) + 24
             else:
-                budget -= len(key) + (len(value) if isinstance(value, str) else 24)
+                value = any_value(wrapped)
+                if isinstance(value, list | dict):
+                    encoded = json.dumps(value, default=str)
+                    if len(encoded) > longest:
+                        value = encoded[:longest] + "…"
+                    budget -= len(key) + min(len(encoded), longest) + 8
+                else:
+                    budget -= len(key) + (len(value) if isinstance(value, str) else 24)
         if budget < 0:
             out["mesh.truncated"] = True
             break
@@ -322,7 +380,9 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
     deltas: dict[RollupKey, RollupDelta] = {}
     points = stored = skipped = 0
     notes: list[str] = []
-    bounds = [float(b) for b in histogram.LATENCY_BOUNDS_MS]
+    bounds = _BOUNDS
+    # A request's points mostly share their interval: each bucket's datetime is made once.
+    bucket_times: dict[int, datetime] = {}
     for resource_metrics in request.resource_metrics:
         resource = attributes(resource_metrics.resource.attributes)
         own_service = _text(resource.get("service.name"), 63)
@@ -341,10 +401,7 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
                 if data != "histogram":
                     raise OtlpError(400, f"{METRIC_NAME} must be a histogram", "metric_shape")
                 hist = metric.histogram
-                if (
-                    hist.aggregation_temporality
-                    != AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
-                ):
+                if hist.aggregation_temporality != _DELTA:
                     raise OtlpError(
                         400,
                         f"{METRIC_NAME} must use DELTA temporality; convert cumulative series "
@@ -369,7 +426,10 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
                             "up to count",
                             "metric_shape",
                         )
-                    attrs = attributes(point.attributes)
+                    # Every attribute used here is read as a string (anything else counts as
+                    # missing), so the string value is read straight off the protobuf: the
+                    # general any_value() per attribute was half of what a report cost.
+                    attrs = {kv.key: kv.value.string_value for kv in point.attributes}
                     status_class = attrs.get("mesh.status_class")
                     if status_class not in STATUS_CLASSES:
                         raise OtlpError(
@@ -423,7 +483,10 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
                     failures = point.count if status_class in FAILURE_CLASSES else 0
                     total_ms = point.sum if point.HasField("sum") else 0.0
                     for resolution in RESOLUTIONS_S:
-                        bucket = datetime.fromtimestamp(middle_s - middle_s % resolution, UTC)
+                        start_s = middle_s - middle_s % resolution
+                        bucket = bucket_times.get(start_s)
+                        if bucket is None:
+                            bucket = bucket_times[start_s] = datetime.fromtimestamp(start_s, UTC)
                         key: RollupKey = (
                             resolution,
                             bucket,
@@ -462,76 +525,115 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
     in an upsert; so writers are serialised (SQLite's write transactions already begin with
     the database lock; on PostgreSQL a transaction-scoped advisory lock), the existing rows
     are read under that lock, merged here, and written back. Reads never wait for it.
+
+    Both statements go to the DBAPI cursor with positional tuples: SQLAlchemy's processing of
+    every parameter and every result value by name (datetimes, JSON) cost more than the
+    database's work (measured, bench/telemetry.py).
     """
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(_ROLLUP_LOCK)))
-    table = _ROLLUPS
-    buckets = {(key[0], key[1]) for key in deltas}
-    # One equality pair per bucket, ORed, not a row-value IN: SQLite planned the IN as a scan
-    # of the whole table (every write read every rollup ever kept), the ORed pairs as searches
-    # of the unique key's index.
-    existing = session.execute(
-        select(*_ROLLUP_KEY_COLUMNS, *_ROLLUP_VALUE_COLUMNS).where(
-            or_(
-                *(
-                    and_(table.c.resolution_s == resolution, table.c.bucket_start == start)
-                    for resolution, start in sorted(buckets)
-                )
-            ),
-            table.c.dest_service.in_(sorted({key[6] for key in deltas})),
+    if not deltas:
+        return
+    connection = session.connection()
+    dialect = connection.dialect
+    if dialect.name == "postgresql":
+        connection.execute(select(func.pg_advisory_xact_lock(_ROLLUP_LOCK)))
+    placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
+    if placeholder == "%s" and dialect.driver != "psycopg":  # pragma: no cover
+        raise RuntimeError(f"no rollup writer for {dialect.name}+{dialect.driver}")
+    bucket_value = _bucket_processor(connection)
+    by_stored_key: dict[tuple[Any, ...], RollupDelta] = {}
+    converted: dict[datetime, Any] = {}
+    for key, delta in deltas.items():
+        start = key[1]
+        stored = converted.get(start)
+        if stored is None:
+            stored = converted[start] = bucket_value(start)
+        by_stored_key[(key[0], stored, *key[2:])] = delta
+    if placeholder == "?":
+        # On SQLite, the stored rows of exactly these keys, each found through the unique
+        # key's index: the keys go in as one JSON array joined to the table. (Searching the
+        # buckets for the destinations read every row of a bucket to those services, mostly
+        # other sources' rows: half of what a write cost.)
+        keys = _encode_json(list(by_stored_key))
+        existing = connection.exec_driver_sql(_SQLITE_EXISTING, (keys,))
+    else:
+        # PostgreSQL planned the same join (from unnest) as a hash join over a scan of the
+        # whole table; the buckets' rows to these destinations, found through the index of
+        # the unique key's leading columns, cost less. One equality pair per bucket, ORed.
+        buckets = sorted({(key[0], key[1]) for key in by_stored_key})
+        dests = sorted({key[6] for key in by_stored_key})
+        pair = "(resolution_s = %s AND bucket_start = %s)"
+        existing = connection.exec_driver_sql(
+            f"SELECT {_ROLLUP_COLUMN_LIST} FROM edge_rollups "  # noqa: S608 (placeholders only)
+            f"WHERE ({' OR '.join([pair] * len(buckets))}) "
+            f"AND dest_service IN ({', '.join(['%s'] * len(dests))})",
+            (*(value for bucket in buckets for value in bucket), *dests),
         )
-    )
+    loads = json.loads
     for row in existing:
-        delta = deltas.get(tuple(row[:8]))
-        if delta is not None:
-            delta.add(row.requests, row.failures, row.latency_sum_ms, row.latency_counts)
-    names = [c.name for c in _ROLLUP_KEY_COLUMNS]
-    rows = [
-        {
-            **dict(zip(names, key, strict=True)),
-            "requests": delta.requests,
-            "failures": delta.failures,
-            "latency_sum_ms": delta.latency_sum_ms,
-            "latency_counts": delta.latency_counts,
-        }
-        for key, delta in deltas.items()
-    ]
-    session.connection().execute(_rollup_upsert(dialect), rows)
+        into = by_stored_key.get(tuple(row[:8]))
+        if into is not None:
+            counts = row[11]
+            into.add(row[8], row[9], row[10], loads(counts) if isinstance(counts, str) else counts)
+    upsert = _ROLLUP_UPSERT.format(p=placeholder)
+    dumps = _encode_json
+    connection.exec_driver_sql(
+        upsert,
+        [
+            (
+                *key,
+                delta.requests,
+                delta.failures,
+                delta.latency_sum_ms,
+                dumps(delta.latency_counts),
+            )
+            for key, delta in by_stored_key.items()
+        ],
+    )
 
 
-_ROLLUPS = cast(Table, EdgeRollup.__table__)
-_ROLLUP_KEY_COLUMNS = tuple(
-    _ROLLUPS.c[name]
-    for name in (
-        "resolution_s",
-        "bucket_start",
-        "source_namespace",
-        "source_service",
-        "source_version",
-        "dest_namespace",
-        "dest_service",
-        "dest_version",
+_ROLLUP_KEY_NAMES = (
+    "resolution_s",
+    "bucket_start",
+    "source_namespace",
+    "source_service",
+    "source_version",
+    "dest_namespace",
+    "dest_service",
+    "dest_version",
+)
+_ROLLUP_VALUE_NAMES = ("requests", "failures", "latency_sum_ms", "latency_counts")
+_ROLLUP_COLUMN_LIST = ", ".join(_ROLLUP_KEY_NAMES + _ROLLUP_VALUE_NAMES)
+_STORED_COLUMNS = ", ".join(f"r.{name}" for name in _ROLLUP_KEY_NAMES + _ROLLUP_VALUE_NAMES)
+_SQLITE_EXISTING = (
+    f"SELECT {_STORED_COLUMNS} FROM json_each(?) AS k JOIN edge_rollups AS r ON "  # noqa: S608
+    + " AND ".join(
+        f"r.{name} = json_extract(k.value, '$[{i}]')" for i, name in enumerate(_ROLLUP_KEY_NAMES)
     )
 )
-_ROLLUP_VALUE_COLUMNS = tuple(
-    _ROLLUPS.c[name] for name in ("requests", "failures", "latency_sum_ms", "latency_counts")
+# {p} is the driver's placeholder: ? for sqlite3, %s for psycopg (both positional). The JSON
+# text goes into a JSON column on SQLite and, cast by the server, a JSONB one on PostgreSQL.
+_ROLLUP_UPSERT = (
+    f"INSERT INTO edge_rollups ({_ROLLUP_COLUMN_LIST}) "  # noqa: S608 (column names only)
+    f"VALUES ({', '.join(['{p}'] * (len(_ROLLUP_KEY_NAMES) + len(_ROLLUP_VALUE_NAMES)))}) "
+    f"ON CONFLICT ({', '.join(_ROLLUP_KEY_NAMES)}) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in _ROLLUP_VALUE_NAMES)
 )
-_UPSERTS: dict[str, Any] = {}
 
 
-def _rollup_upsert(dialect: str) -> Any:
-    """INSERT … ON CONFLICT (the rollup key) DO UPDATE with the values merged in Python; built
-    once per dialect (building it cost more than running it for a typical request)."""
-    statement = _UPSERTS.get(dialect)
-    if statement is None:
-        insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_ROLLUPS)
-        statement = insert.on_conflict_do_update(
-            index_elements=[c.name for c in _ROLLUP_KEY_COLUMNS],
-            set_={c.name: insert.excluded[c.name] for c in _ROLLUP_VALUE_COLUMNS},
-        )
-        _UPSERTS[dialect] = statement
-    return statement
+def _bucket_processor(connection: Connection) -> Callable[[Any], Any]:
+    """datetime → bucket_start as the column stores it (the column type's own conversion)."""
+    dialect = connection.dialect
+    processor = _BUCKET_PROCESSORS.get(id(dialect))
+    if processor is None:
+        column = cast(Table, EdgeRollup.__table__).c.bucket_start
+        # The whole conversion SQLAlchemy applies (the decorator's and its impl's): the
+        # stored text on SQLite, an aware datetime for psycopg.
+        processor = column.type.dialect_impl(dialect).bind_processor(dialect) or _identity
+        _BUCKET_PROCESSORS[id(dialect)] = processor
+    return processor
+
+
+_BUCKET_PROCESSORS: dict[int, Callable[[Any], Any]] = {}
 
 
 def _point_count(metric: Any, data: str | None) -> int:

@@ -4,6 +4,7 @@ the SDK's own OTLP encoder; metric requests in the shape the agent exports."""
 from __future__ import annotations
 
 import gzip
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,9 +20,17 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from app.telemetry.histogram import LATENCY_BOUNDS_MS, empty, observe
+from app.telemetry.ingest import SPAN_COLUMNS, SpanRow
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 JSON = {"Content-Type": "application/json"}
+
+
+def span_row(fields: dict[str, Any]) -> SpanRow:
+    """The row ``ingest.store_spans`` takes, from its columns by name (attributes as a dict)."""
+    values = {**fields, "attributes": json.dumps(fields["attributes"], ensure_ascii=False)}
+    row: SpanRow = tuple(values[name] for name in SPAN_COLUMNS)  # type: ignore[assignment]
+    return row
 
 
 def sdk_spans(

@@ -12,29 +12,32 @@ from app.db import Database
 from app.telemetry import histogram, ingest
 from app.telemetry.models import EdgeRollup, Span
 from app.telemetry.retention import prune
+from tests.telemetry.support import span_row
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
 
 def add_spans(database: Database, starts: list[datetime], tag: str) -> None:
     rows = [
-        {
-            "trace_id": f"{i:030x}{tag}",
-            "span_id": f"{i:016x}",
-            "parent_span_id": None,
-            "name": "op",
-            "kind": 2,
-            "service": "web",
-            "namespace": "default",
-            "version": "v1",
-            "start_ns": int(start.timestamp()) * 10**9,
-            "end_ns": int(start.timestamp()) * 10**9 + 1000,
-            "duration_ms": 0.001,
-            "http_status": 200,
-            "error": False,
-            "attributes": {},
-            "received_at": NOW,
-        }
+        span_row(
+            {
+                "trace_id": f"{i:030x}{tag}",
+                "span_id": f"{i:016x}",
+                "parent_span_id": None,
+                "name": "op",
+                "kind": 2,
+                "service": "web",
+                "namespace": "default",
+                "version": "v1",
+                "start_ns": int(start.timestamp()) * 10**9,
+                "end_ns": int(start.timestamp()) * 10**9 + 1000,
+                "duration_ms": 0.001,
+                "http_status": 200,
+                "error": False,
+                "attributes": {},
+                "received_at": NOW,
+            }
+        )
         for i, start in enumerate(starts)
     ]
     with database.session(write=True) as session:

@@ -10,11 +10,12 @@ from sqlalchemy import select
 from app.db import Database
 from app.telemetry import ingest
 from app.telemetry.models import Span
+from tests.telemetry.support import span_row
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
 
-def span(trace: int, span_id: int, **changes: Any) -> dict[str, Any]:
+def span(trace: int, span_id: int, **changes: Any) -> ingest.SpanRow:
     row = {
         "trace_id": f"{trace:032x}",
         "span_id": f"{span_id:016x}",
@@ -32,7 +33,7 @@ def span(trace: int, span_id: int, **changes: Any) -> dict[str, Any]:
         "attributes": {"url.path": "/items/7", "naïve": "ünïcode", "nested": {"a": [1, 2]}},
         "received_at": NOW,
     }
-    return row | changes
+    return span_row(row | changes)
 
 
 def stored(database: Database) -> list[Span]:
