@@ -31,6 +31,12 @@ def agents(cp: TestClient) -> dict[str, dict[str, Any]]:
     return {a["agent_id"]: a for a in cp.get("/api/v1/agents").json()["items"]}
 
 
+def _weights_of(snapshot: dict[str, Any], service: str) -> dict[str, int]:
+    """The weights of ``service``'s first route in a discovery answer."""
+    config = next(s for s in snapshot["config"]["services"] if s["name"] == service)
+    return {b["version"]: b["weight"] for b in config["routes"][0]["backends"]}
+
+
 def wait_for(predicate: Any, limit_s: float = 10.0) -> None:
     deadline = time.monotonic() + limit_s
     while not predicate():
@@ -168,18 +174,25 @@ def test_a_nack_keeps_the_agent_on_its_version_and_is_not_re_pushed(
     change = cp.post(
         "/api/v1/services/reviews/traffic/weights", json={"weights": {"v1": 50, "v2": 50}}
     ).json()["change"]
-    new = poll(cp, mesh["web"], version=snap["version"]).json()
+    # The agent acks whatever comes before the change (a snapshot built while the mesh was
+    # still registering) and refuses the version that carries the 50/50 weights.
+    held = snap
+    new = poll(cp, mesh["web"], version=held["version"]).json()
+    while _weights_of(new, "reviews") != {"v1": 50, "v2": 50}:
+        held = new
+        poll(cp, mesh["web"], version=held["version"], response_nonce=held["nonce"])
+        new = poll(cp, mesh["web"], version=held["version"]).json()
     nack = poll(
         cp,
         mesh["web"],
-        version=snap["version"],
+        version=held["version"],
         response_nonce=new["nonce"],
         error_detail="routes[0]: too spicy",
     )
     assert nack.status_code == 204  # the refused version is not sent again
     row = agents(cp)[mesh["web"]]
     assert row["sync_state"] == "NACKED"
-    assert row["config_version"] == snap["version"]
+    assert row["config_version"] == held["version"]
     assert row["last_error"] == "routes[0]: too spicy"
     progress = cp.get(f"/api/v1/changes/{change['id']}").json()
     assert progress["errors"] == [{"agent_id": mesh["web"], "error": "routes[0]: too spicy"}]
