@@ -376,7 +376,7 @@ class _Channel:
     def close(self) -> None:
         self.outbox.put(None)
         self._sender.join(timeout=10)
-        self.process.join(timeout=10)
+        self.process.join(timeout=30)  # it commits what it holds first; slow on a busy machine
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout=5)

@@ -493,6 +493,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a pip install into a fresh virtualenv: minutes on a busy machine
 def test_the_agent_only_distribution_installs_and_proxies_without_the_control_plane(
     tmp_path: Path, backend: str
 ) -> None:

@@ -48,7 +48,7 @@ def _api(url: str, token: str, method: str, path: str, body: dict[str, Any], rea
             "X-Mesh-Reason": reason,
         },
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status in (200, 201), response.status
 
 
@@ -99,7 +99,7 @@ def seeded(live_server: str) -> str:
         },
         method="POST",
     )
-    with urllib.request.urlopen(trace, timeout=10) as response:
+    with urllib.request.urlopen(trace, timeout=60) as response:
         assert response.status == 200
     return "/traces/" + format(spans[0].context.trace_id, "032x")
 

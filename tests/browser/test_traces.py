@@ -23,7 +23,7 @@ def test_a_trace_opens_as_a_waterfall(page: Page, live_server: str) -> None:
         headers={"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {token}"},
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 200
     trace_id = format(spans[0].context.trace_id, "032x")
 
