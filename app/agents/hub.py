@@ -267,8 +267,11 @@ class PushHub:
                 if self._sync_state(agent, now) is SyncState.DISCONNECTED:
                     continue
                 progress.targets[agent.agent_id] = (agent.group, bumped[agent.group])
-                # Already there (it polled between the commit and this compile)?
-                self._credit(progress, agent.agent_id, agent.acked_version, None, now)
+                # Already answered (it polled between the cache update and this point)? An
+                # answer that came before the change was tracked would otherwise be lost.
+                self._credit(
+                    progress, agent.agent_id, agent.acked_version, agent.nacked_version, now
+                )
             progress.settle(now)
             with self._progress_lock:
                 self._progress[row.id] = progress
