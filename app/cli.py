@@ -399,9 +399,10 @@ def user_create(
 ) -> None:
     """Add a person and print a one-time sign-in link (valid 30 minutes); no password is set,
     they choose one under "Your account"."""
-    from app.identity import service
+    from app.identity.accounts import create_user
     from app.identity.principal import Principal
     from app.identity.schemas import UserCreate
+    from app.identity.sign_in import create_sign_in_link
 
     settings = _load_settings()
     try:
@@ -412,10 +413,10 @@ def user_create(
     try:
         with database.session(write=True) as session:
             try:
-                user = service.create_user(session, Principal.system("meshctl"), data)
+                user = create_user(session, Principal.system("meshctl"), data)
             except DomainError as exc:
                 _fail(exc.message)
-            secret = service.create_sign_in_link(session, user)
+            secret = create_sign_in_link(session, user)
             session.commit()
     finally:
         database.dispose()
@@ -426,16 +427,17 @@ def user_create(
 @user_cli.command("link")
 def user_link(email: Annotated[str, typer.Argument(help="The person's e-mail address.")]) -> None:
     """Print a new one-time sign-in link for an existing person (a forgotten password)."""
-    from app.identity import service
+    from app.identity.accounts import find_user
+    from app.identity.sign_in import create_sign_in_link
 
     settings = _load_settings()
     database = _with_database(settings)
     try:
         with database.session(write=True) as session:
-            user = service.find_user(session, email)
+            user = find_user(session, email)
             if user is None:
                 _fail(f"no user {email.strip().lower()}")
-            secret = service.create_sign_in_link(session, user)
+            secret = create_sign_in_link(session, user)
             session.commit()
     finally:
         database.dispose()
@@ -457,9 +459,10 @@ def token_create(
 ) -> None:
     """Create an API token for meshctl or automation and print it (this once). Use it as
     MESH_TOKEN, or in ~/.config/mesh/token with mode 0600."""
-    from app.identity import service
+    from app.identity.accounts import find_user
     from app.identity.principal import Principal
     from app.identity.schemas import TokenCreate
+    from app.identity.tokens import create_api_token
 
     settings = _load_settings()
     try:
@@ -469,13 +472,11 @@ def token_create(
     database = _with_database(settings)
     try:
         with database.session(write=True) as session:
-            owner = service.find_user(session, user)
+            owner = find_user(session, user)
             if owner is None:
                 _fail(f"no user {user.strip().lower()}")
             try:
-                created = service.create_api_token(
-                    session, Principal.system("meshctl"), data, owner=owner
-                )
+                created = create_api_token(session, Principal.system("meshctl"), data, owner=owner)
             except DomainError as exc:
                 _fail(exc.message)
             session.commit()
@@ -498,19 +499,20 @@ def token_create(
 def bootstrap_sign_in(settings: Settings, database: Database) -> str | None:
     """On an empty user table: an admin account and a one-time link to it, so the first
     person can get in without any default password existing."""
-    from app.identity import service
+    from app.identity.accounts import count_users, create_user
     from app.identity.principal import Principal
     from app.identity.schemas import UserCreate
+    from app.identity.sign_in import create_sign_in_link
 
     with database.session(write=True) as session:
-        if service.count_users(session):
+        if count_users(session):
             return None
-        user = service.create_user(
+        user = create_user(
             session,
             Principal.system("meshctl"),
             UserCreate(email=settings.initial_admin_email, role="admin"),
         )
-        secret = service.create_sign_in_link(session, user)
+        secret = create_sign_in_link(session, user)
         session.commit()
     return _sign_in_url(settings, secret)
 

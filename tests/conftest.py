@@ -167,10 +167,10 @@ def person(email: str, role: str = "admin", teams: tuple[str, ...] = ()) -> Any:
 def _quiet_user(session: Session, email: str, role: str, teams: tuple[str, ...]) -> Any:
     """The user ``email``, inserted directly if new: test set-up, so it leaves no audit event
     (tests count the events their own actions write)."""
-    from app.identity import service
+    from app.identity.accounts import find_user
     from app.identity.models import Team, TeamMember, User
 
-    user = service.find_user(session, email)
+    user = find_user(session, email)
     if user is not None:
         return user
     user = User(email=email, role=role, display_name="", disabled=False, failed_sign_ins=0)
@@ -197,11 +197,11 @@ def sign_in_as(
 ) -> None:
     """Sign ``test_client`` in as ``email`` (created with ``role`` and ``teams`` if new),
     through a one-time sign-in link as a person would."""
-    from app.identity import service
+    from app.identity.sign_in import create_sign_in_link
 
     with database.session(write=True) as session:
         user = _quiet_user(session, email, role, teams)
-        secret = service.create_sign_in_link(session, user)
+        secret = create_sign_in_link(session, user)
         session.commit()
     answer = test_client.get(f"/sign-in/link/{secret}", follow_redirects=False)
     assert answer.status_code == 303, answer.text
@@ -214,17 +214,18 @@ def api_token(
     so written directly, without an audit event."""
     import secrets
 
-    from app.identity import service
+    from app.identity.common import digest
     from app.identity.models import ApiToken
+    from app.identity.tokens import API_TOKEN_PREFIX
 
-    secret = service.API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    secret = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
     with database.session(write=True) as session:
         user = _quiet_user(session, email, role, teams)
         session.add(
             ApiToken(
                 kind="api",
                 name="tests",
-                token_hash=service.digest(secret),
+                token_hash=digest(secret),
                 prefix=secret[:11],
                 owner_id=user.id,
                 role=role,

@@ -8,8 +8,8 @@ import asyncio
 import time
 
 from app.db import Database
-from app.identity import service as identity
-from app.identity.service import JoinGrant
+from app.identity.common import digest
+from app.identity.tokens import JOIN_TOKEN_PREFIX, JoinGrant, join_grant
 
 __all__ = ["JoinGrants"]
 
@@ -24,12 +24,12 @@ class JoinGrants:
 
     def _lookup(self, secret: str) -> JoinGrant | None:
         with self._database.session(write=False) as session:
-            return identity.join_grant(session, secret)
+            return join_grant(session, secret)
 
     async def grant(self, secret: str) -> JoinGrant | None:
-        if not secret.startswith(identity.JOIN_TOKEN_PREFIX) or len(secret) > 200:
+        if not secret.startswith(JOIN_TOKEN_PREFIX) or len(secret) > 200:
             return None
-        key = identity.digest(secret)
+        key = digest(secret)
         now = time.monotonic()
         cached = self._cache.get(key)
         if cached is not None and now - cached[0] < RECHECK_S:

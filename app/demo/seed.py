@@ -14,9 +14,11 @@ from app.catalog import service as catalog
 from app.catalog.models import Service
 from app.catalog.schemas import Link, ServiceCreate, VersionCreate
 from app.demo.topology import DEMO_NAMESPACE, INITIAL_WEIGHTS, LOADGEN, SERVICES
-from app.identity import service as identity
+from app.identity.accounts import create_user, find_user
 from app.identity.principal import Principal
 from app.identity.schemas import TokenCreate, UserCreate
+from app.identity.sign_in import create_sign_in_link
+from app.identity.tokens import create_api_token
 from app.policies import service as policies
 from app.policies.schemas import WeightsWrite
 
@@ -96,7 +98,7 @@ def seed_demo_people(session: Session) -> DemoAccess:
     ``meshctl`` token for the newcomer, who is an admin of this throw-away mesh."""
     newcomer = None
     for email, role, teams in DEMO_PEOPLE:
-        user = identity.find_user(session, email) or identity.create_user(
+        user = find_user(session, email) or create_user(
             session,
             DEMO_ACTOR,
             UserCreate.model_validate({"email": email, "role": role, "teams": list(teams)}),
@@ -104,8 +106,8 @@ def seed_demo_people(session: Session) -> DemoAccess:
         if email == NEWCOMER:
             newcomer = user
     assert newcomer is not None
-    link = identity.create_sign_in_link(session, newcomer, ttl=timedelta(hours=12))
-    token = identity.create_api_token(
+    link = create_sign_in_link(session, newcomer, ttl=timedelta(hours=12))
+    token = create_api_token(
         session,
         DEMO_ACTOR,
         TokenCreate(name="meshctl (demo)", role="admin", expires_in_days=1),

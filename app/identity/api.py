@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, status
 from fastapi.responses import Response
 
 from app.deps import ActorDep, SessionDep
-from app.identity import service
+from app.identity import accounts, sessions, sign_in, tokens
 from app.identity.principal import Action, authorize
 from app.identity.schemas import (
     JoinTokenCreate,
@@ -43,37 +43,37 @@ def me(actor: ActorDep) -> Me:
 @router.get("/users", response_model=list[UserRead], summary="Users (admins)")
 def list_users(session: SessionDep, actor: ActorDep) -> list[UserRead]:
     authorize(actor, Action.MANAGE_ACCESS)
-    return service.list_users(session)
+    return accounts.list_users(session)
 
 
 @router.post(
     "/users", response_model=UserRead, status_code=status.HTTP_201_CREATED, summary="Add a user"
 )
 def create_user(session: SessionDep, actor: ActorDep, data: UserCreate) -> UserRead:
-    user = service.create_user(session, actor, data)
-    return service.user_read(session, user)
+    user = accounts.create_user(session, actor, data)
+    return accounts.user_read(session, user)
 
 
 @router.patch("/users/{user_id}", response_model=UserRead, summary="Change role, teams, status")
 def update_user(
     session: SessionDep, actor: ActorDep, user_id: IdPath, data: UserUpdate
 ) -> UserRead:
-    user = service.update_user(session, actor, user_id, data)
-    return service.user_read(session, user)
+    user = accounts.update_user(session, actor, user_id, data)
+    return accounts.user_read(session, user)
 
 
 @router.get("/teams", response_model=list[TeamRead], summary="Teams, members, services owned")
 def list_teams(session: SessionDep, actor: ActorDep) -> list[TeamRead]:
-    return service.list_teams(session)
+    return accounts.list_teams(session)
 
 
 @router.get("/tokens", response_model=list[TokenRead], summary="Your tokens (admins: all)")
 def list_tokens(session: SessionDep, actor: ActorDep) -> list[TokenRead]:
     if actor.is_admin:
-        return service.list_tokens(session)
+        return tokens.list_tokens(session)
     if actor.kind != "user":
         authorize(actor, Action.MANAGE_ACCESS)
-    return service.list_tokens(session, owner_id=actor.id)
+    return tokens.list_tokens(session, owner_id=actor.id)
 
 
 @router.post(
@@ -83,8 +83,8 @@ def list_tokens(session: SessionDep, actor: ActorDep) -> list[TokenRead]:
     summary="Create an API token for yourself (the secret is in this answer only)",
 )
 def create_token(session: SessionDep, actor: ActorDep, data: TokenCreate) -> TokenCreated:
-    created = service.create_api_token(session, actor, data)
-    return TokenCreated(token=created.secret, details=service.token_read(created.row, actor.name))
+    created = tokens.create_api_token(session, actor, data)
+    return TokenCreated(token=created.secret, details=tokens.token_read(created.row, actor.name))
 
 
 @router.post(
@@ -94,32 +94,32 @@ def create_token(session: SessionDep, actor: ActorDep, data: TokenCreate) -> Tok
     summary="Create an agent join token for one namespace (admins)",
 )
 def create_join_token(session: SessionDep, actor: ActorDep, data: JoinTokenCreate) -> TokenCreated:
-    created = service.create_join_token(session, actor, data)
-    return TokenCreated(token=created.secret, details=service.token_read(created.row, None))
+    created = tokens.create_join_token(session, actor, data)
+    return TokenCreated(token=created.secret, details=tokens.token_read(created.row, None))
 
 
 @router.delete(
     "/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Revoke a token"
 )
 def revoke_token(session: SessionDep, actor: ActorDep, token_id: IdPath) -> Response:
-    service.revoke_token(session, actor, token_id)
+    tokens.revoke_token(session, actor, token_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/sessions", response_model=list[SessionRead], summary="Your sessions (admins: all)")
 def list_sessions(session: SessionDep, actor: ActorDep) -> list[SessionRead]:
     if actor.is_admin:
-        return service.list_sessions(session, current=actor.session_id)
+        return sessions.list_sessions(session, current=actor.session_id)
     if actor.kind != "user":
         authorize(actor, Action.MANAGE_ACCESS)
-    return service.list_sessions(session, user_id=actor.id, current=actor.session_id)
+    return sessions.list_sessions(session, user_id=actor.id, current=actor.session_id)
 
 
 @router.delete(
     "/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT, summary="End a session"
 )
 def end_session(session: SessionDep, actor: ActorDep, session_id: IdPath) -> Response:
-    service.revoke_session(session, actor, session_id)
+    sessions.revoke_session(session, actor, session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -130,4 +130,4 @@ def end_session(session: SessionDep, actor: ActorDep, session_id: IdPath) -> Res
 )
 def sign_in_failures(session: SessionDep, actor: ActorDep) -> list[SignInFailureRead]:
     authorize(actor, Action.MANAGE_ACCESS)
-    return [SignInFailureRead.model_validate(row) for row in service.list_failures(session)]
+    return [SignInFailureRead.model_validate(row) for row in sign_in.list_failures(session)]

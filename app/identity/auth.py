@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.errors import DomainError
-from app.identity import service
+from app.identity import sessions, tokens
 from app.identity.principal import Principal
 
 __all__ = [
@@ -113,19 +113,19 @@ def current_principal(request: Request) -> Principal | None:
     touch: Callable[[Session], None] | None = None
     if bearer is not None:
         with database.session(write=False) as session:
-            principal, due = service.principal_for_token(session, bearer, address)
+            principal, due = tokens.principal_for_token(session, bearer, address)
         if principal is not None and due:
             token_id = principal.id or 0
-            touch = lambda session: service.touch_token(session, token_id)  # noqa: E731
+            touch = lambda session: tokens.touch_token(session, token_id)  # noqa: E731
     else:
         cookies: SessionCookies = request.app.state.session_cookies
         secret = cookies.open(request.cookies.get(SESSION_COOKIE))
         if secret is not None:
             with database.session(write=False) as session:
-                principal, due = service.principal_for_session(session, settings, secret, address)
+                principal, due = sessions.principal_for_session(session, settings, secret, address)
             if principal is not None and due:
                 session_id = principal.session_id or 0
-                touch = lambda session: service.touch_session(session, session_id)  # noqa: E731
+                touch = lambda session: sessions.touch_session(session, session_id)  # noqa: E731
     if touch is not None:
         # Last-seen times are a convenience: a busy database must not fail the request.
         with contextlib.suppress(OperationalError), database.session(write=True) as session:

@@ -52,7 +52,7 @@ from app.config import Settings
 from app.db import Database
 from app.deps import SettingsDep
 from app.errors import DomainError
-from app.identity import service
+from app.identity import sign_in
 from app.identity.auth import client_address, current_principal
 from app.identity.models import User
 from app.identity.principal import ROLE_NAMES, Role
@@ -533,7 +533,7 @@ def record_failure(session: Session, request: Request, email: str, reason: str) 
     """A failed single sign-on on the admins' page, next to failed password sign-ins."""
     # The service layer has no public function for this (yet): its private one keeps the
     # failure log written in one place.
-    service.record_failure(session, email or _UNKNOWN_EMAIL, client_address(request), reason)
+    sign_in.record_failure(session, email or _UNKNOWN_EMAIL, client_address(request), reason)
 
 
 def _refuse(
@@ -624,7 +624,7 @@ def _validated_flow(request: Request) -> tuple[Flow, str]:
 
 def _sign_in(session: Session, identity: OidcIdentity) -> User:
     try:
-        return service.sign_in_oidc_user(
+        return sign_in.sign_in_oidc_user(
             session,
             subject=identity.subject,
             email=identity.email,

@@ -13,11 +13,18 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.deps import ActorDep, SessionDep, SettingsDep
 from app.errors import DomainError, InvalidError
-from app.identity import passwords, service
+from app.identity import accounts, passwords, sessions, tokens
 from app.identity.auth import SESSION_COOKIE, SessionCookies, client_address, current_principal
 from app.identity.models import User
 from app.identity.principal import Action, Principal, authorize
 from app.identity.schemas import JoinTokenCreate, TokenCreate, UserCreate, UserUpdate
+from app.identity.sign_in import (
+    SIGN_IN_REFUSED,
+    authenticate,
+    create_sign_in_link,
+    list_failures,
+    redeem_sign_in_link,
+)
 from app.web import FormDep, field_errors, flash, redirect, render, require_csrf_token
 
 __all__ = ["public_router", "router", "safe_next", "sign_in_response"]
@@ -45,7 +52,7 @@ def sign_in_response(
     method: str,
     next_path: str,
 ) -> Response:
-    secret = service.start_session(
+    secret = sessions.start_session(
         session,
         settings,
         user,
@@ -99,7 +106,7 @@ def sign_in(
     next_path = safe_next(form.get("next"))
     user = None
     if isinstance(email, str) and isinstance(password, str) and email and password:
-        user = service.authenticate(
+        user = authenticate(
             session,
             settings,
             email=email[:254],
@@ -112,7 +119,7 @@ def sign_in(
             request,
             settings,
             next_path=next_path,
-            error=service.SIGN_IN_REFUSED,
+            error=SIGN_IN_REFUSED,
             status_code=status.HTTP_401_UNAUTHORIZED,
         )
     return sign_in_response(
@@ -124,7 +131,7 @@ def sign_in(
 def sign_in_with_link(
     request: Request, session: SessionDep, settings: SettingsDep, secret: str
 ) -> Response:
-    user = service.redeem_sign_in_link(session, secret[:200], client_address(request))
+    user = redeem_sign_in_link(session, secret[:200], client_address(request))
     if user is None:
         session.commit()
         return _sign_in_page(
@@ -143,7 +150,7 @@ def sign_out(request: Request, session: SessionDep) -> Response:
     cookies: SessionCookies = request.app.state.session_cookies
     secret = cookies.open(request.cookies.get(SESSION_COOKIE))
     if secret is not None:
-        service.end_session(session, secret)
+        sessions.end_session(session, secret)
     response = RedirectResponse("/sign-in", status_code=status.HTTP_303_SEE_OTHER)
     response.headers.append(
         "set-cookie",
@@ -171,11 +178,11 @@ def _account_page(
         "identity/account.html",
         {
             "section": "account",
-            "me": service.user_read(session, service.get_user(session, actor.id or 0))
+            "me": accounts.user_read(session, accounts.get_user(session, actor.id or 0))
             if is_user
             else None,
-            "tokens": service.list_tokens(session, owner_id=actor.id) if is_user else [],
-            "sessions": service.list_sessions(session, user_id=actor.id, current=actor.session_id)
+            "tokens": tokens.list_tokens(session, owner_id=actor.id) if is_user else [],
+            "sessions": sessions.list_sessions(session, user_id=actor.id, current=actor.session_id)
             if is_user
             else [],
             "new_token": new_token,
@@ -215,7 +222,7 @@ def create_my_token(
         data = TokenCreate.model_validate(
             _form_dict(form, "name", "role", "team", "expires_in_days")
         )
-        created = service.create_api_token(session, actor, data)
+        created = tokens.create_api_token(session, actor, data)
     except (ValidationError, DomainError) as exc:
         session.rollback()
         return _account_page(
@@ -233,7 +240,7 @@ def create_my_token(
 def revoke_my_token(
     request: Request, session: SessionDep, actor: ActorDep, token_id: int
 ) -> Response:
-    row = service.revoke_token(session, actor, token_id)
+    row = tokens.revoke_token(session, actor, token_id)
     return flash(redirect(request, "/account"), f"Token {row.name} revoked.")
 
 
@@ -242,7 +249,7 @@ def change_password(
     request: Request, session: SessionDep, actor: ActorDep, form: FormDep
 ) -> Response:
     current, new = form.get("current_password"), form.get("new_password")
-    user = service.get_user(session, actor.id or 0) if actor.kind == "user" else None
+    user = accounts.get_user(session, actor.id or 0) if actor.kind == "user" else None
     if user is None or not isinstance(current, str) or not isinstance(new, str):
         return _account_page(
             request, session, actor, errors={"new_password": "required"}, status_code=422
@@ -258,7 +265,7 @@ def change_password(
             status_code=422,
         )
     try:
-        service.set_password(session, actor, user.id, new)
+        accounts.set_password(session, actor, user.id, new)
     except DomainError as exc:
         session.rollback()
         # The service speaks of "password"; on this form it is the new one.
@@ -269,7 +276,7 @@ def change_password(
 
 @router.post("/account/sign-out-everywhere")
 def sign_out_everywhere(request: Request, session: SessionDep, actor: ActorDep) -> Response:
-    service.end_all_sessions(session, actor, actor.id or 0)
+    sessions.end_all_sessions(session, actor, actor.id or 0)
     return redirect(request, "/sign-in")
 
 
@@ -277,7 +284,7 @@ def sign_out_everywhere(request: Request, session: SessionDep, actor: ActorDep) 
 def end_my_session(
     request: Request, session: SessionDep, actor: ActorDep, session_id: int
 ) -> Response:
-    service.revoke_session(session, actor, session_id)
+    sessions.revoke_session(session, actor, session_id)
     return flash(redirect(request, "/account"), "Session ended.")
 
 
@@ -300,11 +307,11 @@ def _access_page(
         "identity/access.html",
         {
             "section": "access",
-            "users": service.list_users(session),
-            "teams": service.list_teams(session),
-            "tokens": service.list_tokens(session),
-            "sessions": service.list_sessions(session),
-            "failures": service.list_failures(session, limit=50),
+            "users": accounts.list_users(session),
+            "teams": accounts.list_teams(session),
+            "tokens": tokens.list_tokens(session),
+            "sessions": sessions.list_sessions(session),
+            "failures": list_failures(session, limit=50),
             "new_secret": new_secret,
             "new_secret_label": new_secret_label,
             "errors": errors or {},
@@ -334,8 +341,8 @@ def add_user(
     values = _form_dict(form, "email", "display_name", "role", "password")
     try:
         data = UserCreate.model_validate({**values, "teams": _teams_field(form)})
-        user = service.create_user(session, actor, data)
-        link = "" if data.password else service.create_sign_in_link(session, user)
+        user = accounts.create_user(session, actor, data)
+        link = "" if data.password else create_sign_in_link(session, user)
     except (ValidationError, DomainError) as exc:
         session.rollback()
         values.pop("password", None)
@@ -360,7 +367,7 @@ def edit_user(
         data = UserUpdate.model_validate(
             {**values, "teams": _teams_field(form), "disabled": form.get("disabled") == "on"}
         )
-        user = service.update_user(session, actor, user_id, data)
+        user = accounts.update_user(session, actor, user_id, data)
     except (ValidationError, DomainError) as exc:
         session.rollback()
         problems = _problems(exc)
@@ -378,8 +385,8 @@ def new_sign_in_link(
     request: Request, session: SessionDep, settings: SettingsDep, actor: ActorDep, user_id: int
 ) -> Response:
     authorize(actor, Action.MANAGE_ACCESS)
-    user = service.get_user(session, user_id)
-    link = service.create_sign_in_link(session, user)
+    user = accounts.get_user(session, user_id)
+    link = create_sign_in_link(session, user)
     session.commit()
     return _access_page(
         request,
@@ -396,7 +403,7 @@ def add_join_token(
     values = _form_dict(form, "name", "namespace", "expires_in_days")
     try:
         data = JoinTokenCreate.model_validate(values)
-        created = service.create_join_token(session, actor, data)
+        created = tokens.create_join_token(session, actor, data)
     except (ValidationError, DomainError) as exc:
         session.rollback()
         return _access_page(
@@ -419,7 +426,7 @@ def add_join_token(
 def revoke_any_token(
     request: Request, session: SessionDep, actor: ActorDep, token_id: int
 ) -> Response:
-    row = service.revoke_token(session, actor, token_id)
+    row = tokens.revoke_token(session, actor, token_id)
     return flash(redirect(request, "/access"), f"Token {row.name} revoked.")
 
 
@@ -427,5 +434,5 @@ def revoke_any_token(
 def end_any_session(
     request: Request, session: SessionDep, actor: ActorDep, session_id: int
 ) -> Response:
-    service.revoke_session(session, actor, session_id)
+    sessions.revoke_session(session, actor, session_id)
     return flash(redirect(request, "/access"), "Session ended.")

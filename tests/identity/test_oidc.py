@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Database
-from app.identity import passwords, service
+from app.identity import passwords
+from app.identity import sign_in as sign_in_service
 from app.identity.models import SignInFailure, User
 from app.identity.oidc import FLOW_COOKIE, role_from_claims
 
@@ -402,7 +403,7 @@ def test_a_first_sign_in_that_loses_a_race_is_tried_again_not_a_server_error(
 ) -> None:
     """Two tabs finishing the same person's first sign-in at once: the second one's insert
     hits the unique e-mail address the first just committed."""
-    real = service.sign_in_oidc_user
+    real = sign_in_service.sign_in_oidc_user
     calls: list[int] = []
 
     def lose_the_race_once(session: Session, **identity: Any) -> User:
@@ -411,7 +412,7 @@ def test_a_first_sign_in_that_loses_a_race_is_tried_again_not_a_server_error(
             raise IntegrityError("INSERT INTO users", {}, Exception("duplicate key"))
         return real(session, **identity)
 
-    monkeypatch.setattr(service, "sign_in_oidc_user", lose_the_race_once)
+    monkeypatch.setattr(sign_in_service, "sign_in_oidc_user", lose_the_race_once)
 
     assert sign_in(browser).status_code == 303
     assert len(calls) == 2

@@ -19,10 +19,13 @@ from app.catalog import service as catalog
 from app.catalog.schemas import InstanceCreate, ServiceCreate, VersionCreate
 from app.config import Settings
 from app.db import Database, utcnow
-from app.identity import service as identity
+from app.identity.accounts import create_user, find_user
+from app.identity.common import digest
 from app.identity.models import ApiToken, User, WebSession
 from app.identity.principal import Principal
 from app.identity.schemas import TokenCreate, UserCreate
+from app.identity.sessions import start_session
+from app.identity.tokens import create_api_token
 from app.main import create_app
 from tests.conftest import api_token, sign_in_as
 
@@ -89,11 +92,11 @@ def _victims(database: Database) -> tuple[dict[str, int], int, int]:
             who: session.scalar(select(User.id).where(User.email == email)) or 0
             for who, (email, _, _) in PEOPLE.items()
         }
-        victim = identity.find_user(session, "victim@example.com") or identity.create_user(
+        victim = find_user(session, "victim@example.com") or create_user(
             session, SYSTEM, UserCreate(email="victim@example.com")
         )
-        token = identity.create_api_token(session, SYSTEM, TokenCreate(name="victim"), owner=victim)
-        identity.start_session(
+        token = create_api_token(session, SYSTEM, TokenCreate(name="victim"), owner=victim)
+        start_session(
             session,
             Settings(),
             victim,
@@ -279,7 +282,7 @@ def _credentials(database: Database) -> dict[str, str]:
         for who, column in (("expired", "expires_at"), ("revoked", "revoked_at")):
             session.execute(
                 update(ApiToken)
-                .where(ApiToken.token_hash == identity.digest(tokens[who]))
+                .where(ApiToken.token_hash == digest(tokens[who]))
                 .values({column: utcnow() - timedelta(minutes=1)})
             )
         session.commit()

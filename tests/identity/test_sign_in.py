@@ -15,11 +15,14 @@ from app.audit.models import AuditEvent
 from app.cli import bootstrap_sign_in, cli
 from app.config import Settings
 from app.db import Database, utcnow
+from app.errors import ConflictError
 from app.identity import passwords
-from app.identity import service as identity
+from app.identity.accounts import create_user, find_user, update_user
+from app.identity.common import digest
 from app.identity.models import ApiToken, SignInFailure, SignInLink, User, WebSession
 from app.identity.principal import Principal
 from app.identity.schemas import UserCreate, UserUpdate
+from app.identity.sign_in import create_sign_in_link, list_failures
 from app.main import create_app
 from tests.conftest import ADMIN_EMAIL, api_token, sign_in_as
 
@@ -32,7 +35,7 @@ HTML = {"Accept": "text/html"}
 def browser(bare_client: TestClient, database: Database) -> TestClient:
     """A browser on the sign-in page (it holds the CSRF cookie), with an account to sign in to."""
     with database.session(write=True) as session:
-        identity.create_user(
+        create_user(
             session,
             Principal.system("tests"),
             UserCreate(
@@ -91,7 +94,7 @@ def test_wrong_password_and_unknown_account_get_the_same_answer(
         assert REFUSED in answer.text  # type: ignore[attr-defined]
     assert signed_in_as(browser) is None
     with database.session(write=False) as session:
-        reasons = [f.reason for f in identity.list_failures(session)]
+        reasons = [f.reason for f in list_failures(session)]
     assert sorted(reasons) == ["unknown account", "wrong password"]
 
 
@@ -196,11 +199,11 @@ def test_a_sign_in_link_works_once_and_not_after_it_expires(
     bare_client: TestClient, database: Database
 ) -> None:
     with database.session(write=True) as session:
-        user = identity.find_user(session, "ada@example.com") or identity.create_user(
+        user = find_user(session, "ada@example.com") or create_user(
             session, Principal.system("tests"), UserCreate(email="ada@example.com")
         )
-        fresh = identity.create_sign_in_link(session, user)
-        stale = identity.create_sign_in_link(session, user, ttl=timedelta(seconds=-1))
+        fresh = create_sign_in_link(session, user)
+        stale = create_sign_in_link(session, user, ttl=timedelta(seconds=-1))
         session.commit()
     assert bare_client.get(f"/sign-in/link/{fresh}", follow_redirects=False).status_code == 303
     assert signed_in_as(bare_client) == "ada@example.com"
@@ -236,7 +239,7 @@ def test_a_token_is_shown_once_stored_hashed_and_revocable(
     assert secret.startswith("mesh_")
     with database.session(write=False) as session:
         hashes = session.scalars(select(ApiToken.token_hash)).all()
-    assert secret not in hashes and identity.digest(secret) in hashes
+    assert secret not in hashes and digest(secret) in hashes
     listed = client.get("/api/v1/tokens").json()
     assert all("token" not in item for item in listed)
 
@@ -256,11 +259,9 @@ def test_a_token_has_at_most_its_owners_rights_even_after_a_demotion(
     with TestClient(client.app) as program:
         assert program.get("/api/v1/users", headers=headers).status_code == 200
         with database.session(write=True) as session:
-            user = identity.find_user(session, "ops@example.com")
+            user = find_user(session, "ops@example.com")
             assert user
-            identity.update_user(
-                session, Principal.system("tests"), user.id, UserUpdate(role="viewer")
-            )
+            update_user(session, Principal.system("tests"), user.id, UserUpdate(role="viewer"))
             session.commit()
         refused = program.get("/api/v1/users", headers=headers)
         assert refused.status_code == 403
@@ -312,9 +313,7 @@ def test_every_change_names_its_real_actor_and_client_address(
     with database.session(write=False) as session:
         events = {e.resource_name: e for e in session.scalars(select(AuditEvent)).all()}
         admin_id = session.scalar(select(User.id).where(User.email == ADMIN_EMAIL))
-        token_id = session.scalar(
-            select(ApiToken.id).where(ApiToken.token_hash == identity.digest(secret))
-        )
+        token_id = session.scalar(select(ApiToken.id).where(ApiToken.token_hash == digest(secret)))
     by_session, by_token = events["default/by-session"], events["default/by-token"]
     assert (by_session.actor, by_session.actor_id) == (ADMIN_EMAIL, f"user:{admin_id}")
     assert (by_token.actor, by_token.actor_id) == (
@@ -336,7 +335,7 @@ def test_the_first_start_creates_an_admin_with_a_one_time_link_only(
     assert link and "/sign-in/link/" in link
     assert bootstrap_sign_in(settings, database) is None  # only on an empty user table
     with database.session(write=False) as session:
-        admin = identity.find_user(session, settings.initial_admin_email)
+        admin = find_user(session, settings.initial_admin_email)
     assert admin and admin.role == "admin" and admin.password_hash is None
     with TestClient(create_app(settings, database)) as browser:
         path = "/sign-in/link/" + link.rsplit("/sign-in/link/", 1)[1]
@@ -363,13 +362,11 @@ def test_meshctl_user_create_prints_a_link_and_token_create_a_token(
 
 def test_the_last_admin_cannot_be_demoted(database: Database) -> None:
     with database.session(write=True) as session:
-        only = identity.create_user(
+        only = create_user(
             session, Principal.system("tests"), UserCreate(email="only@example.com", role="admin")
         )
-        with pytest.raises(identity.ConflictError, match="last admin"):
-            identity.update_user(
-                session, Principal.system("tests"), only.id, UserUpdate(role="viewer")
-            )
+        with pytest.raises(ConflictError, match="last admin"):
+            update_user(session, Principal.system("tests"), only.id, UserUpdate(role="viewer"))
 
 
 def test_failures_are_recorded_with_their_address(browser: TestClient, database: Database) -> None:
