@@ -40,6 +40,7 @@ from mesh_agent.schema import (
     check_methods,
     check_one_of,
     check_path_start,
+    check_reachable_address,
     check_regex,
     check_version_names,
     compile_regex,
@@ -394,11 +395,4 @@ class AgentRegistration(_Model):
     @field_validator("address")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        host, _ = parse_address(v)
-        if v.endswith("\n"):
-            raise ValueError(f"{v!r} is not host:port")
-        if host in ("0.0.0.0", "::"):
-            raise ValueError(f"{v!r} is not an address callers can reach (advertise a real one)")
-        return v
+        return check_reachable_address(v)

@@ -885,7 +885,8 @@ def _version_name(v: str) -> str:
     return v
 
 
-def _reachable(v: str | None) -> str | None:
+def check_reachable_address(v: str | None) -> str | None:
+    """An agent's advertised address: host:port that callers can reach (not a wildcard)."""
     if v is None:
         return v
     host, _ = parse_address(v)
@@ -903,7 +904,7 @@ _registration = _model(
     _Field("service", _str, _dns_label_no_newline),
     _Field("namespace", _str, _dns_label_no_newline),
     _Field("version", _str, _version_name),
-    _Field("address", _str_or_none, _reachable),
+    _Field("address", _str_or_none, check_reachable_address),
     _Field("agent_version", _string(max_length=63)),
 )
 

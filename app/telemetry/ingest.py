@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
-from sqlalchemy import Table, func, select
+from sqlalchemy import Column, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -202,7 +202,7 @@ def _store_spans_sqlite(connection: Connection, rows: Sequence[SpanRow]) -> None
     """executemany of one prepared INSERT … ON CONFLICT DO NOTHING with the tuples as they
     are; received_at, the one column that needs a conversion, is converted once per value
     (a request's rows share it) by the column's own type."""
-    convert = _received_at_processor(connection)
+    convert = _bind_processor(connection, cast(Table, Span.__table__).c.received_at)
     last: datetime | None = None
     stamp: Any = None
     params: list[tuple[Any, ...]] = []
@@ -215,19 +215,20 @@ def _store_spans_sqlite(connection: Connection, rows: Sequence[SpanRow]) -> None
     connection.exec_driver_sql(_SQLITE_INSERT, params)
 
 
-def _received_at_processor(connection: Connection) -> Callable[[Any], Any]:
-    dialect = connection.dialect
-    processor = _RECEIVED_AT_PROCESSORS.get(id(dialect))
+def _bind_processor(connection: Connection, column: Column[Any]) -> Callable[[Any], Any]:
+    """Python value → what ``column`` stores, as SQLAlchemy would convert it (the decorator's
+    and its impl's conversion: text on SQLite, an aware datetime for psycopg); one per dialect
+    and column, for the bulk paths that go straight to the driver."""
+    key = (id(connection.dialect), column.table.name, column.name)
+    processor = _BIND_PROCESSORS.get(key)
     if processor is None:
-        column = cast(Table, Span.__table__).c.received_at
-        # The whole conversion SQLAlchemy applies (the decorator's and its impl's): the
-        # stored text on SQLite, an aware datetime for psycopg.
+        dialect = connection.dialect
         processor = column.type.dialect_impl(dialect).bind_processor(dialect) or _identity
-        _RECEIVED_AT_PROCESSORS[id(dialect)] = processor
+        _BIND_PROCESSORS[key] = processor
     return processor
 
 
-_RECEIVED_AT_PROCESSORS: dict[int, Callable[[Any], Any]] = {}
+_BIND_PROCESSORS: dict[tuple[int, str, str], Callable[[Any], Any]] = {}
 
 # PostgreSQL: COPY straight into spans, in a savepoint. COPY cannot skip a span that is already
 # stored, so when one is (an exporter retried a batch whose answer it lost), the savepoint is
@@ -539,7 +540,7 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
     placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
     if placeholder == "%s" and dialect.driver != "psycopg":  # pragma: no cover
         raise RuntimeError(f"no rollup writer for {dialect.name}+{dialect.driver}")
-    bucket_value = _bucket_processor(connection)
+    bucket_value = _bind_processor(connection, cast(Table, EdgeRollup.__table__).c.bucket_start)
     by_stored_key: dict[tuple[Any, ...], RollupDelta] = {}
     converted: dict[datetime, Any] = {}
     for key, delta in deltas.items():
@@ -618,22 +619,6 @@ _ROLLUP_UPSERT = (
     f"ON CONFLICT ({', '.join(_ROLLUP_KEY_NAMES)}) DO UPDATE SET "
     + ", ".join(f"{name} = excluded.{name}" for name in _ROLLUP_VALUE_NAMES)
 )
-
-
-def _bucket_processor(connection: Connection) -> Callable[[Any], Any]:
-    """datetime → bucket_start as the column stores it (the column type's own conversion)."""
-    dialect = connection.dialect
-    processor = _BUCKET_PROCESSORS.get(id(dialect))
-    if processor is None:
-        column = cast(Table, EdgeRollup.__table__).c.bucket_start
-        # The whole conversion SQLAlchemy applies (the decorator's and its impl's): the
-        # stored text on SQLite, an aware datetime for psycopg.
-        processor = column.type.dialect_impl(dialect).bind_processor(dialect) or _identity
-        _BUCKET_PROCESSORS[id(dialect)] = processor
-    return processor
-
-
-_BUCKET_PROCESSORS: dict[int, Callable[[Any], Any]] = {}
 
 
 def _point_count(metric: Any, data: str | None) -> int:
