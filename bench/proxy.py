@@ -54,6 +54,8 @@ from typing import Any, TypeVar
 
 import httptools
 
+from mesh_agent.native import NATIVE_MODULES
+
 T = TypeVar("T")
 VENV_BIN = Path(sys.executable).parent
 DEST_SERVICE = "backend"  # the destination's mesh name; requests carry it as Host
@@ -278,6 +280,7 @@ def start_agent(
     admin: int,
     services: dict[str, list[int]],
     extra: list[str],
+    interpreted: bool = False,
 ) -> subprocess.Popen[bytes]:
     config = tmp / f"{name}.yaml"
     agent_config(config, services)
@@ -300,6 +303,8 @@ def start_agent(
         *extra,
     ]
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    if interpreted:
+        env["MESH_AGENT_INTERPRETED"] = "1"
     return children.start(name, argv, tmp, env=env, cwd=state)
 
 
@@ -642,6 +647,21 @@ def scrape_requests(admin_port: int) -> int | None:
     return int(total)
 
 
+def scrape_compiled(admin_port: int) -> int | None:
+    """How many of the agent's request-path modules run compiled (mypyc), from its /metrics."""
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            f"http://127.0.0.1:{admin_port}/metrics", timeout=5
+        ) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("mesh_agent_compiled_modules "):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -788,6 +808,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do not give the agents an OTLP endpoint (by default a local sink receives spans)",
     )
+    p.add_argument(
+        "--interpreted",
+        action="store_true",
+        help="run the agents interpreted where a compiled build exists (MESH_AGENT_INTERPRETED)",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the logs")
     args = p.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
@@ -821,6 +846,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     children = Children()
     rows: list[Row] = []
     spans: dict[str, int] | None = None
+    compiled: int | None = None
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
         backend = free_port()
@@ -869,6 +895,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     admin=admin,
                     services={},
                     extra=agent_extra_flags(help_text, tmp / "agent-state", otlp) + args.agent_arg,
+                    interpreted=args.interpreted,
                 )
                 admin_of["agent"] = admin
                 row = Row("agent", "agent: inbound → backend", inbound, 1, [proc.pid])
@@ -892,6 +919,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     admin=b_admin,
                     services={},
                     extra=agent_extra_flags(help_text, tmp / "b-state", otlp) + args.agent_arg,
+                    interpreted=args.interpreted,
                 )
                 proc_a = start_agent(
                     children,
@@ -905,6 +933,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     admin=a_admin,
                     services={DEST_SERVICE: [b_in]},
                     extra=agent_extra_flags(help_text, tmp / "a-state", otlp) + args.agent_arg,
+                    interpreted=args.interpreted,
                 )
                 admin_of["mesh"] = a_admin
                 row = Row(
@@ -997,6 +1026,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r.add_note(f"{fixed_errors} errors at fixed rate")
             if r.name in admin_of:
                 r.agent_requests_counted = scrape_requests(admin_of[r.name])
+                compiled = scrape_compiled(admin_of[r.name])
                 if not r.agent_requests_counted:
                     r.add_note("/metrics counted no requests")
 
@@ -1018,6 +1048,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print_table(rows, args)
+    if admin_of:
+        print(
+            f"agents: request path compiled with mypyc ({compiled} of {len(NATIVE_MODULES)} "
+            "modules; `make native`)"
+            if compiled
+            else "agents: request path interpreted (no `make native` build, or --interpreted)"
+        )
     if spans is not None:
         print(
             f"tracing: agents at their default sampling ratio exported {spans['spans']} spans "

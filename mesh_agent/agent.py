@@ -24,6 +24,7 @@ from mesh_agent.admin import AdminServer
 from mesh_agent.balancer import EndpointRegistry
 from mesh_agent.control import ConfigSource, ConfigStore
 from mesh_agent.health import HealthChecker
+from mesh_agent.native import compiled_modules
 from mesh_agent.proxy import Limits, Proxy, TelemetryLike
 from mesh_agent.routing import CompiledConfig
 
@@ -185,6 +186,8 @@ class Agent:
         proxy = self.proxy
         connections = proxy.connection_count() if proxy is not None else 0
         overflowed = proxy.inbound.overflowed + proxy.outbound.overflowed if proxy else 0
+        fast_in = proxy.inbound_side.fast_requests if proxy else 0
+        fast_out = proxy.outbound_side.fast_requests if proxy else 0
         return (
             "# HELP mesh_agent_config_info Config version in force.\n"
             "# TYPE mesh_agent_config_info gauge\n"
@@ -200,6 +203,15 @@ class Agent:
             "closed at once: the listener held --max-connections.\n"
             "# TYPE mesh_agent_downstream_connections_overflow_total counter\n"
             f"mesh_agent_downstream_connections_overflow_total {overflowed}\n"
+            "# HELP mesh_agent_fast_path_requests_total Requests relayed from callbacks alone "
+            "(no body, an idle pooled connection ready).\n"
+            "# TYPE mesh_agent_fast_path_requests_total counter\n"
+            f'mesh_agent_fast_path_requests_total{{side="inbound"}} {fast_in}\n'
+            f'mesh_agent_fast_path_requests_total{{side="outbound"}} {fast_out}\n'
+            "# HELP mesh_agent_compiled_modules Request-path modules running compiled (mypyc); "
+            "0: interpreted.\n"
+            "# TYPE mesh_agent_compiled_modules gauge\n"
+            f"mesh_agent_compiled_modules {len(compiled_modules())}\n"
             + self.health.prometheus_text()
         ).encode()
 

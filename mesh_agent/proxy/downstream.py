@@ -118,7 +118,10 @@ class Body:
 IDLE, HEADERS, BODY, WAITING = range(4)
 
 
-class Downstream(asyncio.Protocol):
+class Downstream:
+    """One caller's connection: an asyncio protocol by shape, not by base class (a Python base
+    class would keep mypyc from compiling this as a native class; see ``mesh_agent.native``)."""
+
     __slots__ = (
         "_fast",
         "_fast_next",
@@ -168,7 +171,7 @@ class Downstream(asyncio.Protocol):
         self.relaying: Upstream | None = None
         self.responded = False
 
-    # -- asyncio.Protocol
+    # -- the asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = self.flow.transport = cast(asyncio.Transport, transport)
@@ -191,6 +194,9 @@ class Downstream(asyncio.Protocol):
         except httptools.HttpParserError:
             status, reason = self._parse_error or (400, "malformed-request")
             self.fail_parse(status, reason)
+
+    def eof_received(self) -> bool | None:
+        return None  # the caller is done sending: let the transport close
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -580,10 +586,17 @@ class Listener:
         return holder.current.config.path_normalization.escaped_slashes
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self.server = await self.loop.create_server(
-            lambda: Downstream(self), host, port, reuse_address=True, backlog=1024
+        self.server = server = await self.loop.create_server(
+            lambda: cast(asyncio.BaseProtocol, Downstream(self)),
+            host,
+            port,
+            reuse_address=True,
+            backlog=1024,
         )
-        sock = self.server.sockets[0]
+        # Any: uvloop's ``sockets`` is a list where the stubs say tuple, and compiled code
+        # checks the stubs' type.
+        untyped: Any = server
+        sock = untyped.sockets[0]
         addr = sock.getsockname()
         return str(addr[0]), int(addr[1])
 

@@ -42,6 +42,8 @@ class InboundSide:
         self.version = version
         self.app = app
         self.span_name = f"{service} inbound"
+        # Requests answered without a coroutine (admin /metrics; tests check the path taken).
+        self.fast_requests = 0
 
     def fast(self, conn: Downstream, req: Request) -> bool:
         """Forward a bodiless request to the app over a pooled connection without a coroutine:
@@ -65,6 +67,7 @@ class InboundSide:
             self, conn, req, up, ep, inbound, head, span, source, req.started + inbound.timeout_s
         )
         send_fast(up, req, fx, head)
+        self.fast_requests += 1
         return True
 
     def begin_hop(

@@ -44,6 +44,7 @@ class OutboundSide:
         self.service = service
         self.mirror = mirror
         self.rng = rng
+        self.fast_requests = 0  # see InboundSide.fast_requests
 
     async def handle(self, conn: Downstream, req: Request) -> bool:
         cfg = self.holder.current
@@ -149,56 +150,88 @@ class OutboundSide:
                 deadline = min(deadline, now + rules.per_try_timeout_s)
             ep.active_requests += 1
             try:
-                try:
-                    up = await self.forwarder.exchange(
-                        ep,
-                        req,
-                        head,
-                        body,
-                        deadline,
-                        svc.max_connections,
-                        svc.max_pending,
-                        svc.connect_timeout_s,
-                        body_deadline=route_deadline,
-                    )
-                except Failure as f:
-                    if f.kind != "overflow":
-                        svc.outlier.report(ep, True, pool.endpoints)
-                    if (
-                        retryable
-                        and f.kind != "overflow"
-                        and attempt < rules.attempts
-                        and rules.failure_retryable(f.kind)
-                        and await self.backoff(rules, attempt + 1, route_deadline, svc)
-                    ):
-                        attempt += 1
-                        avoid = ep
-                        continue
-                    status = 504 if f.kind == "timeout" else 503
-                    return status, conn.send_error(req, status, FAILURE_REASON[f.kind])
-                status = up.status
-                failed = status >= 500
-                svc.outlier.report(ep, failed, pool.endpoints)
-                if (
-                    failed
-                    and retryable
-                    and attempt < rules.attempts
-                    and rules.status_retryable(status)
-                    and await self.backoff(rules, attempt + 1, route_deadline, svc)
-                ):
-                    self.forwarder.release(up)  # a retried 5xx: keep the connection if clean
-                    attempt += 1
-                    avoid = ep
-                    continue
-                try:
-                    keep = await self.forwarder.relay(conn, req, up)
-                finally:
-                    self.forwarder.release(up)
-                if up.failure == "timeout":
-                    return None, keep  # cut off mid-body: no complete response
-                return status, keep
+                outcome = await self.try_once(
+                    conn,
+                    req,
+                    svc,
+                    pool,
+                    ep,
+                    head,
+                    body,
+                    deadline,
+                    route_deadline,
+                    retryable=retryable and attempt < rules.attempts,
+                    next_retry=attempt + 1,
+                    rules=rules,
+                )
             finally:
                 ep.active_requests -= 1
+            if outcome is not None:
+                return outcome
+            attempt += 1
+            avoid = ep
+
+    async def try_once(
+        self,
+        conn: Downstream,
+        req: Request,
+        svc: CompiledService,
+        pool: VersionPool,
+        ep: Endpoint,
+        head: bytes,
+        body: bytes | None,
+        deadline: float,
+        route_deadline: float,
+        *,
+        retryable: bool,
+        next_retry: int,
+        rules: RetryRules,
+    ) -> tuple[int | None, bool] | None:
+        """One try on ``ep``: (status, keep-alive) once the caller has its answer, or None when
+        the try failed in a way the retry policy (``retryable``: attempts left) takes again.
+        (A method of its own, not a ``continue`` inside try/finally: mypyc compiles this.)"""
+        try:
+            up = await self.forwarder.exchange(
+                ep,
+                req,
+                head,
+                body,
+                deadline,
+                svc.max_connections,
+                svc.max_pending,
+                svc.connect_timeout_s,
+                body_deadline=route_deadline,
+            )
+        except Failure as f:
+            if f.kind != "overflow":
+                svc.outlier.report(ep, True, pool.endpoints)
+            if (
+                retryable
+                and f.kind != "overflow"
+                and rules.failure_retryable(f.kind)
+                and await self.backoff(rules, next_retry, route_deadline, svc)
+            ):
+                return None
+            status = 504 if f.kind == "timeout" else 503
+            return status, conn.send_error(req, status, FAILURE_REASON[f.kind])
+        status = up.status
+        failed = status >= 500
+        svc.outlier.report(ep, failed, pool.endpoints)
+        if (
+            failed
+            and retryable
+            and rules.status_retryable(status)
+            and await self.backoff(rules, next_retry, route_deadline, svc)
+        ):
+            self.forwarder.release(up)  # a retried 5xx: keep the connection if clean
+            return None
+        try:
+            keep = await self.forwarder.relay(conn, req, up)
+        finally:
+            self.forwarder.release(up)
+        if up.failure == "timeout":
+            return None, keep  # cut off mid-body: no complete response
+        return status, keep
 
     async def backoff(
         self, rules: RetryRules, retry_number: int, deadline: float, svc: CompiledService
@@ -260,6 +293,7 @@ class OutboundSide:
             self, conn, req, up, svc, route, pool, ep, head, span, deadline, route_deadline
         )
         send_fast(up, req, fx, head, route_deadline)
+        self.fast_requests += 1
         return True
 
     def begin_hop(

@@ -123,9 +123,10 @@ class Pool:
             if timeout <= 0:
                 raise TimeoutError
             async with asyncio.timeout(timeout):
-                _, proto = await loop.create_connection(
-                    lambda: Upstream(self, loop), ep.host, ep.port
+                made = await loop.create_connection(
+                    lambda: cast(asyncio.BaseProtocol, Upstream(self, loop)), ep.host, ep.port
                 )
+            proto = cast(Upstream, made[1])
         except (OSError, TimeoutError) as exc:
             self.open -= 1
             self.wake_one(None)
@@ -133,7 +134,10 @@ class Pool:
         return proto, False
 
 
-class Upstream(asyncio.Protocol):
+class Upstream:
+    """One connection to an endpoint: an asyncio protocol by shape, not by base class (see
+    ``Downstream``)."""
+
     __slots__ = (
         "_informational",
         "_parser_dirty",
@@ -294,7 +298,7 @@ class Upstream(asyncio.Protocol):
             and not self.pumping
         )
 
-    # -- asyncio.Protocol
+    # -- the asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = self.flow.transport = cast(asyncio.Transport, transport)
@@ -326,6 +330,9 @@ class Upstream(asyncio.Protocol):
         if sink is not None and out:
             sink.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
+
+    def eof_received(self) -> bool | None:
+        return None  # connection_lost follows and decides what the end means
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:

@@ -400,3 +400,34 @@ async def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True)
     finally:
         writer.close()
     return out
+
+
+class FastPathCount:
+    """How many requests the agents made during a test relayed on one side's fast path:
+    ``count[0]``, summed over every ``Proxy`` made meanwhile (read from the sides' counters, so
+    it works the same whether the proxy is compiled or interpreted)."""
+
+    def __init__(self, side: str) -> None:
+        self.side = side
+        self.proxies: list[Proxy] = []
+
+    def __getitem__(self, index: int) -> int:
+        assert index == 0
+        attr = f"{self.side}_side"
+        return sum(getattr(p, attr).fast_requests for p in self.proxies)
+
+
+def count_fast_path(monkeypatch: Any, side: str) -> FastPathCount:
+    """Record the proxies ``mesh_agent.agent.Agent`` makes (monkeypatch: pytest's fixture)."""
+    import mesh_agent.agent as agent_module
+
+    count = FastPathCount(side)
+    original = agent_module.Proxy
+
+    def recording(*args: Any, **kwargs: Any) -> Proxy:
+        proxy = original(*args, **kwargs)
+        count.proxies.append(proxy)
+        return proxy
+
+    monkeypatch.setattr(agent_module, "Proxy", recording)
+    return count

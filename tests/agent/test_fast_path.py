@@ -13,15 +13,15 @@ from typing import Any
 import httpx
 import pytest
 
-import mesh_agent.proxy.inbound as inbound_module
-
 from .support import (
     Agent,
     Backend,
     BackendRequest,
     FakeTelemetry,
+    FastPathCount,
     RawApp,
     Response,
+    count_fast_path,
     run,
 )
 
@@ -29,20 +29,9 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many requests took the fast path (each makes one ``_FastExchange``)."""
-    calls = [0]
-    original = inbound_module.FastExchange
-
-    class Counting(original):  # type: ignore[valid-type,misc]
-        __slots__ = ()
-
-        def __init__(self, *args: Any) -> None:
-            calls[0] += 1
-            super().__init__(*args)
-
-    monkeypatch.setattr(inbound_module, "FastExchange", Counting)
-    return calls
+def fast(monkeypatch: pytest.MonkeyPatch) -> FastPathCount:
+    """How many requests took the inbound fast path."""
+    return count_fast_path(monkeypatch, "inbound")
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -57,7 +46,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 
 def test_keep_alive_requests_take_the_fast_path_with_headers_metrics_and_trace(
-    fast: list[int],
+    fast: FastPathCount,
 ) -> None:
     async def scenario() -> None:
         tel = FakeTelemetry(sample=True)
@@ -103,7 +92,7 @@ def test_keep_alive_requests_take_the_fast_path_with_headers_metrics_and_trace(
     run(scenario())
 
 
-def test_fast_path_streams_a_chunked_response(fast: list[int]) -> None:
+def test_fast_path_streams_a_chunked_response(fast: FastPathCount) -> None:
     async def scenario() -> None:
         async def streamed(req: BackendRequest) -> Response:
             async def body() -> AsyncIterator[bytes]:
@@ -125,7 +114,7 @@ def test_fast_path_streams_a_chunked_response(fast: list[int]) -> None:
     run(scenario())
 
 
-def test_pipelined_requests_behind_a_fast_one_are_answered_in_order(fast: list[int]) -> None:
+def test_pipelined_requests_behind_a_fast_one_are_answered_in_order(fast: FastPathCount) -> None:
     async def scenario() -> None:
         async def slow_first(req: BackendRequest) -> Response:
             if req.path == "/p0":
@@ -148,7 +137,7 @@ def test_pipelined_requests_behind_a_fast_one_are_answered_in_order(fast: list[i
     run(scenario())
 
 
-def test_upstream_closing_mid_response_truncates_and_counts(fast: list[int]) -> None:
+def test_upstream_closing_mid_response_truncates_and_counts(fast: FastPathCount) -> None:
     async def scenario() -> None:
         tel = FakeTelemetry()
 
@@ -179,7 +168,7 @@ def test_upstream_closing_mid_response_truncates_and_counts(fast: list[int]) -> 
     run(scenario())
 
 
-def test_client_closing_mid_response_aborts_the_upstream_connection(fast: list[int]) -> None:
+def test_client_closing_mid_response_aborts_the_upstream_connection(fast: FastPathCount) -> None:
     async def scenario() -> None:
         tel = FakeTelemetry()
 
@@ -217,7 +206,7 @@ def test_client_closing_mid_response_aborts_the_upstream_connection(fast: list[i
     run(scenario())
 
 
-def test_pooled_connection_closed_on_reuse_is_retried_on_a_fresh_one(fast: list[int]) -> None:
+def test_pooled_connection_closed_on_reuse_is_retried_on_a_fresh_one(fast: FastPathCount) -> None:
     async def scenario() -> None:
         tel = FakeTelemetry()
 
@@ -247,7 +236,7 @@ def test_pooled_connection_closed_on_reuse_is_retried_on_a_fresh_one(fast: list[
     run(scenario())
 
 
-def test_fast_path_timeout_and_reset_before_the_head(fast: list[int]) -> None:
+def test_fast_path_timeout_and_reset_before_the_head(fast: FastPathCount) -> None:
     async def scenario() -> None:
         tel = FakeTelemetry()
 
@@ -278,7 +267,7 @@ def test_fast_path_timeout_and_reset_before_the_head(fast: list[int]) -> None:
 
 
 def test_fast_path_timeout_runs_from_each_request_not_from_the_connection_timer(
-    fast: list[int],
+    fast: FastPathCount,
 ) -> None:
     """The per-connection timer armed by an earlier request is re-armed, not obeyed.
 
@@ -320,25 +309,12 @@ def test_fast_path_timeout_runs_from_each_request_not_from_the_connection_timer(
 
 
 @pytest.fixture
-def fast_out(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many requests took the outbound fast path (each makes one ``FastExchange``)."""
-    import mesh_agent.proxy.outbound as outbound_module
-
-    calls = [0]
-    original = outbound_module.FastExchange
-
-    class Counting(original):  # type: ignore[valid-type,misc]
-        __slots__ = ()
-
-        def __init__(self, *args: Any) -> None:
-            calls[0] += 1
-            super().__init__(*args)
-
-    monkeypatch.setattr(outbound_module, "FastExchange", Counting)
-    return calls
+def fast_out(monkeypatch: pytest.MonkeyPatch) -> FastPathCount:
+    """How many requests took the outbound fast path."""
+    return count_fast_path(monkeypatch, "outbound")
 
 
-def test_outbound_keep_alive_requests_take_the_fast_path(fast_out: list[int]) -> None:
+def test_outbound_keep_alive_requests_take_the_fast_path(fast_out: FastPathCount) -> None:
     async def scenario() -> None:
         tel = FakeTelemetry(sample=True)
 
@@ -372,7 +348,7 @@ def test_outbound_keep_alive_requests_take_the_fast_path(fast_out: list[int]) ->
     run(scenario())
 
 
-def test_outbound_fast_path_retries_a_5xx_on_another_endpoint(fast_out: list[int]) -> None:
+def test_outbound_fast_path_retries_a_5xx_on_another_endpoint(fast_out: FastPathCount) -> None:
     async def scenario() -> None:
         async def bad(req: BackendRequest) -> Response:
             return Response(status=500, body=b"bad")
@@ -403,7 +379,7 @@ def test_outbound_fast_path_retries_a_5xx_on_another_endpoint(fast_out: list[int
 
 
 def test_outbound_fast_path_resends_on_a_pooled_connection_found_closed(
-    fast_out: list[int],
+    fast_out: FastPathCount,
 ) -> None:
     async def scenario() -> None:
         async def script(conn_no: int, req_no: int, r: Any, w: asyncio.StreamWriter) -> bool:

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import httpx
 import pytest
 
-import mesh_agent.proxy.inbound as inbound_module
 from mesh_agent.telemetry import Telemetry
 
-from .support import Agent, FakeTelemetry, RawApp, run, service
+from .support import (
+    Agent,
+    FakeTelemetry,
+    FastPathCount,
+    RawApp,
+    count_fast_path,
+    run,
+    service,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -27,20 +33,9 @@ OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
 
 @pytest.fixture
-def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many requests took the inbound fast path (each makes one ``_FastExchange``)."""
-    calls = [0]
-    original = inbound_module.FastExchange
-
-    class Counting(original):  # type: ignore[valid-type,misc]
-        __slots__ = ()
-
-        def __init__(self, *args: Any) -> None:
-            calls[0] += 1
-            super().__init__(*args)
-
-    monkeypatch.setattr(inbound_module, "FastExchange", Counting)
-    return calls
+def fast(monkeypatch: pytest.MonkeyPatch) -> FastPathCount:
+    """How many requests took the inbound fast path."""
+    return count_fast_path(monkeypatch, "inbound")
 
 
 STALL_HEADS = {
@@ -109,7 +104,7 @@ def _assert_truncated(head: bytes, body: bytes) -> None:
 
 
 def test_inbound_fast_path_cuts_a_stalled_body_and_drops_the_app_connection(
-    fast: list[int],
+    fast: FastPathCount,
 ) -> None:
     async def scenario() -> None:
         tel = FakeTelemetry(sample=True)
@@ -134,7 +129,7 @@ def test_inbound_fast_path_cuts_a_stalled_body_and_drops_the_app_connection(
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-def test_inbound_general_path_cuts_a_stalled_body(fast: list[int], framing: str) -> None:
+def test_inbound_general_path_cuts_a_stalled_body(fast: FastPathCount, framing: str) -> None:
     async def scenario() -> None:
         tel = FakeTelemetry()
         cfg = {"inbound": {"timeout_ms": 300}}
@@ -197,7 +192,7 @@ def test_outbound_cuts_a_stalled_body_and_counts_a_failure(framing: str) -> None
     run(scenario(), timeout=30)
 
 
-def test_slow_but_steady_streams_within_the_timeout_are_not_cut(fast: list[int]) -> None:
+def test_slow_but_steady_streams_within_the_timeout_are_not_cut(fast: FastPathCount) -> None:
     """A 0.5 s stream under a 3 s route timeout, on every path; on the outbound one the per-try
     timeout (0.2 s) is shorter than the stream: it only bounds the wait for the head."""
 
@@ -225,7 +220,7 @@ def test_slow_but_steady_streams_within_the_timeout_are_not_cut(fast: list[int])
     run(scenario(), timeout=30)
 
 
-def test_timeout_zero_arms_no_timer_at_all(fast: list[int]) -> None:
+def test_timeout_zero_arms_no_timer_at_all(fast: FastPathCount) -> None:
     """``timeout_ms: 0`` is "no timeout": no timer is armed for such a request (not a far-off
     one), and a timer left by an earlier request with a timeout on the same pooled connection
     is cancelled."""
