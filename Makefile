@@ -24,7 +24,7 @@ native: $(NATIVE)
 
 clean-native:
 	rm -f $(NATIVE) mesh_agent/*.so mesh_agent/proxy/*.so
-	rm -rf build/native-temp
+	rm -rf build
 
 run: $(STAMP)
 	$(BIN)/meshctl demo

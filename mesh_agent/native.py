@@ -42,6 +42,7 @@ NATIVE_MODULES: tuple[str, ...] = (
     "mesh_agent.balancer",
     "mesh_agent.resilience",
     "mesh_agent.routing",
+    "mesh_agent.telemetry",
     "mesh_agent.proxy.errors",
     "mesh_agent.proxy.contracts",
     "mesh_agent.proxy.flow",

@@ -228,8 +228,9 @@ class _Tracing:
         from opentelemetry.proto.resource.v1 import resource_pb2
         from opentelemetry.proto.trace.v1 import trace_pb2
 
-        self._pb_trace = trace_pb2
-        self._pb_common = common_pb2
+        # Any: compiled (mypyc) classes cannot hold a module-typed attribute
+        self._pb_trace: Any = trace_pb2
+        self._pb_common: Any = common_pb2
         self._request_type = trace_service_pb2.ExportTraceServiceRequest
         self._resource = resource_pb2.Resource(
             attributes=[
@@ -251,8 +252,10 @@ class _Tracing:
         self._wake = threading.Event()
         self._stopping = False
         self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name="mesh-agent-spans", daemon=True)
-        self._thread.start()
+        self._exporter_thread = threading.Thread(
+            target=self._run, name="mesh-agent-spans", daemon=True
+        )
+        self._exporter_thread.start()
 
     def _attribute(self, key: str, value: str | int) -> Any:
         common = self._pb_common
@@ -353,7 +356,7 @@ class _Tracing:
         """Send what is queued (blocks up to the export timeout per batch) and stop."""
         self._stopping = True
         self._wake.set()
-        self._thread.join()
+        self._exporter_thread.join()
 
 
 def _traces_url(endpoint: str) -> str:
