@@ -27,6 +27,18 @@ def poll(cp: TestClient, agent_id: str, **body: Any) -> Any:
     return cp.post(f"/api/v1/agents/{agent_id}/discovery", json=request)
 
 
+def answer(cp: TestClient, agent_id: str, **body: Any) -> Any:
+    """The next snapshot for a poll that acks nothing: a poll is held only 0.3 s here, so on a
+    busy machine a snapshot still being built answers 204 first; ask again until it is there."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        response = poll(cp, agent_id, **body)
+        if response.status_code != 204:
+            assert response.status_code == 200, response.text
+            return response.json()
+        assert time.monotonic() < deadline, "no snapshot within 30 s"
+
+
 def agents(cp: TestClient) -> dict[str, dict[str, Any]]:
     return {a["agent_id"]: a for a in cp.get("/api/v1/agents").json()["items"]}
 
@@ -125,7 +137,7 @@ def test_first_poll_gets_the_snapshot_and_an_ack_makes_the_agent_synced(
 def test_an_agent_that_already_runs_the_current_version_gets_no_push(
     cp: TestClient, mesh: dict[str, str]
 ) -> None:
-    snap = poll(cp, mesh["web"]).json()
+    snap = answer(cp, mesh["web"])
     # A reconnect (no nonce) announcing the version it runs, e.g. after a control-plane restart.
     assert poll(cp, mesh["web"], version=snap["version"]).status_code == 204
     assert agents(cp)[mesh["web"]]["sync_state"] == "SYNCED"
@@ -134,7 +146,7 @@ def test_an_agent_that_already_runs_the_current_version_gets_no_push(
 def test_a_weight_change_reaches_a_held_poll_and_the_change_converges(
     cp: TestClient, mesh: dict[str, str]
 ) -> None:
-    snaps = {name: poll(cp, agent_id).json() for name, agent_id in mesh.items()}
+    snaps = {name: answer(cp, agent_id) for name, agent_id in mesh.items()}
     for name, agent_id in mesh.items():
         poll(cp, agent_id, version=snaps[name]["version"], response_nonce=snaps[name]["nonce"])
     shift = cp.post(
@@ -169,7 +181,7 @@ def test_a_weight_change_reaches_a_held_poll_and_the_change_converges(
 def test_a_nack_keeps_the_agent_on_its_version_and_is_not_re_pushed(
     cp: TestClient, mesh: dict[str, str]
 ) -> None:
-    snap = poll(cp, mesh["web"]).json()
+    snap = answer(cp, mesh["web"])
     poll(cp, mesh["web"], version=snap["version"], response_nonce=snap["nonce"])
     change = cp.post(
         "/api/v1/services/reviews/traffic/weights", json={"weights": {"v1": 50, "v2": 50}}
@@ -177,11 +189,11 @@ def test_a_nack_keeps_the_agent_on_its_version_and_is_not_re_pushed(
     # The agent acks whatever comes before the change (a snapshot built while the mesh was
     # still registering) and refuses the version that carries the 50/50 weights.
     held = snap
-    new = poll(cp, mesh["web"], version=held["version"]).json()
+    new = answer(cp, mesh["web"], version=held["version"])
     while _weights_of(new, "reviews") != {"v1": 50, "v2": 50}:
         held = new
         poll(cp, mesh["web"], version=held["version"], response_nonce=held["nonce"])
-        new = poll(cp, mesh["web"], version=held["version"]).json()
+        new = answer(cp, mesh["web"], version=held["version"])
     nack = poll(
         cp,
         mesh["web"],
@@ -200,7 +212,7 @@ def test_a_nack_keeps_the_agent_on_its_version_and_is_not_re_pushed(
 
 
 def test_an_answer_to_a_stale_nonce_is_ignored(cp: TestClient, mesh: dict[str, str]) -> None:
-    snap = poll(cp, mesh["web"]).json()
+    snap = answer(cp, mesh["web"])
     stale = poll(cp, mesh["web"], version="not-it", response_nonce="0000", error_detail="old news")
     assert stale.status_code == 204 or stale.json()["version"] == snap["version"]
     row = agents(cp)[mesh["web"]]
@@ -215,10 +227,10 @@ def test_an_unknown_agent_is_told_to_register(cp: TestClient) -> None:
 def test_deregistering_withdraws_the_endpoint_from_callers(
     cp: TestClient, mesh: dict[str, str]
 ) -> None:
-    snap = poll(cp, mesh["web"]).json()
+    snap = answer(cp, mesh["web"])
     poll(cp, mesh["web"], version=snap["version"], response_nonce=snap["nonce"])
     assert cp.delete(f"/api/v1/agents/{mesh['v2']}").status_code == 204
-    new = poll(cp, mesh["web"], version=snap["version"]).json()
+    new = answer(cp, mesh["web"], version=snap["version"])
     reviews = next(s for s in new["config"]["services"] if s["name"] == "reviews")
     assert set(reviews["versions"]) == {"v1"}
     assert mesh["v2"] not in agents(cp)
