@@ -37,7 +37,7 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
         m.start_agent("reviews-v1", "reviews", "v1", app=v1.address)
         m.start_agent("reviews-v2", "reviews", "v2", app=v2.address)
         m.start_agent("web", "web", "v1")
-        wait_until(lambda: m.all_synced(3), 30, "3 agents SYNCED")
+        wait_until(lambda: m.all_synced(3), 60, "3 agents SYNCED")  # a cap, for a busy CI
         yield m
     finally:
         m.close()
@@ -94,7 +94,7 @@ def test_control_plane_killed_under_traffic_loses_no_request(mesh: Mesh) -> None
         before = sum(seen.values())
         wait_until(lambda: sum(seen.values()) >= before + 300, 60, "traffic while it is down")
         mesh.start_control_plane()
-        wait_until(lambda: mesh.all_synced(3), 30, "agents back and SYNCED")
+        wait_until(lambda: mesh.all_synced(3), 60, "agents back and SYNCED")
         after = sum(seen.values())
         wait_until(lambda: sum(seen.values()) >= after + 100, 30, "traffic after the restart")
     finally:
