@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,8 +39,8 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES_IN_COMPOSE: dict[str, dict[str, Any]] = COMPOSE["services"]
 APP_IMAGE, AGENT_IMAGE = "mesh:dev", "mesh-agent:dev"
 # What mesh_agent/ imports, by the distribution that provides it. A new import fails
-# test_the_agent_image_installs_what_mesh_agent_imports until it is listed here and installed
-# by Dockerfile.agent.
+# test_the_agent_image_installs_what_mesh_agent_imports until it is listed here and in the
+# dependencies of agent/pyproject.toml, which the image installs.
 AGENT_IMPORTS = {
     "uvloop": "uvloop",
     "httptools": "httptools",
@@ -293,15 +294,44 @@ def test_the_dockerfiles_use_the_readmes_commands() -> None:
 
 def test_the_agent_image_carries_only_mesh_agent() -> None:
     copies = [args.split() for args in instructions("Dockerfile.agent", "COPY")]
-    sources = {part for args in copies for part in args[:-1] if not part.startswith("--")}
-    assert sources == {"mesh_agent", "docker/mesh-agent"}
+    from_context = {
+        part
+        for args in copies
+        if not any(a.startswith("--from=") for a in args)
+        for part in args[:-1]
+        if not part.startswith("--")
+    }
+    assert from_context == {
+        "mesh_agent",
+        "agent/pyproject.toml",
+        "agent/setup.py",
+        "agent/native_backend.py",
+        "docker/mesh-agent",
+    }
+    for item in from_context:
+        assert (ROOT / item).exists(), item
+    # The image itself gets the wheel only: the compiler and mypy stay in the build stage.
+    assert [args for args in copies if any(a.startswith("--from=") for a in args)] == [
+        ["--from=wheel", "/wheels", "/wheels"]
+    ]
+
+
+def test_the_agent_image_installs_the_compiled_agent_only_wheel() -> None:
+    runs = instructions("Dockerfile.agent", "RUN")
+    assert any("MESH_AGENT_COMPILE=1 pip wheel --no-deps" in r and "./agent" in r for r in runs)
+    assert any(r.startswith("pip install /wheels/*.whl") for r in runs)
+    # setup.py reads the list of compiled modules from mesh_agent/native.py's source.
+    setup = (ROOT / "agent/setup.py").read_text()
+    assert "NATIVE_MODULES: tuple[str, ...] = (" in setup
+    assert "NATIVE_MODULES: tuple[str, ...] = (" in (ROOT / "mesh_agent/native.py").read_text()
 
 
 def test_the_agent_image_installs_what_mesh_agent_imports() -> None:
-    (run,) = [a for a in instructions("Dockerfile.agent", "RUN") if "pip install" in a]
+    # The image installs the agent-only distribution, so its dependencies are what it gets.
+    agent_project = tomllib.loads((ROOT / "agent/pyproject.toml").read_text())
     installed = {
         re.split(r"[<>=!~\[]", spec)[0].lower(): spec
-        for spec in shlex.split(run.split("&&")[0])[2:]
+        for spec in agent_project["project"]["dependencies"]
     }
     pyproject = (ROOT / "pyproject.toml").read_text()
     for spec in installed.values():

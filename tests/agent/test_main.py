@@ -493,24 +493,50 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # a pip install into a fresh virtualenv: minutes on a busy machine
+@pytest.mark.timeout(900)  # a pip install into a fresh virtualenv: minutes on a busy machine
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreted", "compiled"])
 def test_the_agent_only_distribution_installs_and_proxies_without_the_control_plane(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: str, compiled: bool
 ) -> None:
     """``pip install ./agent`` into a fresh virtualenv: the sidecar runs and proxies, and none
-    of the control plane's dependencies came with it."""
+    of the control plane's dependencies came with it. With ``MESH_AGENT_COMPILE=1`` the wheel
+    carries the request path compiled (mypyc), and that is what runs."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     build = tmp_path / "src"
-    # Build from a copy so that the build leaves nothing behind in the repository.
-    shutil.copytree(REPO / "agent", build, symlinks=False)
+    # Build from a copy so that the build leaves nothing behind in the repository (and finds
+    # none of the development tree's own compiled modules).
+    shutil.copytree(
+        REPO / "agent",
+        build,
+        symlinks=False,
+        ignore=shutil.ignore_patterns("*.so", "_native.built", "__pycache__", "build"),
+    )
+    env = {**os.environ, "MESH_AGENT_COMPILE": "1" if compiled else "0"}
     subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", str(build)],
         check=True,
-        timeout=540,
+        timeout=840,
         capture_output=True,
+        env=env,
     )
+    native = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import importlib; from mesh_agent import native;"
+            " [importlib.import_module(m) for m in native.NATIVE_MODULES];"
+            " print(len(native.compiled_modules()), len(native.NATIVE_MODULES))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    count, total = native.stdout.split()
+    assert int(count) == (int(total) if compiled else 0)
     probe = subprocess.run(
         [
             str(python),
