@@ -378,12 +378,11 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
     temporality, foreign bounds, counts that do not add up, missing attributes). Other metrics
     are skipped and reported back as rejected in the partial success.
     """
-    deltas: dict[RollupKey, RollupDelta] = {}
+    # (middle of the interval in s, source ns, service, version, dest ns, service, version)
+    edges: dict[tuple[int, str, str, str, str, str, str], RollupDelta] = {}
     points = stored = skipped = 0
     notes: list[str] = []
     bounds = _BOUNDS
-    # A request's points mostly share their interval: each bucket's datetime is made once.
-    bucket_times: dict[int, datetime] = {}
     for resource_metrics in request.resource_metrics:
         resource = attributes(resource_metrics.resource.attributes)
         own_service = _text(resource.get("service.name"), 63)
@@ -420,7 +419,8 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
                             "metric_shape",
                         )
                     counts = list(point.bucket_counts)
-                    if len(counts) != histogram.BUCKETS or sum(counts) != point.count:
+                    count = point.count
+                    if len(counts) != histogram.BUCKETS or sum(counts) != count:
                         raise OtlpError(
                             400,
                             f"{METRIC_NAME} bucket counts must be {histogram.BUCKETS} and add "
@@ -439,8 +439,9 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
                             f"{sorted(STATUS_CLASSES)}",
                             "metric_shape",
                         )
+                    # (Every value in attrs is a str: the protobuf's string_value, "" if unset.)
                     reporter = attrs.get("mesh.reporter", "source")
-                    source = _text(attrs.get("mesh.source.service"), 63)
+                    source = attrs.get("mesh.source.service", "")[:63]
                     if reporter == "destination":
                         if source not in UNKNOWN_SOURCES:
                             # The calling agent reports this request too, with both versions:
@@ -448,22 +449,20 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
                             skipped += 1
                             continue
                         source = ""
-                        source_namespace = _text(attrs.get("mesh.source.namespace"), 63)
+                        source_namespace = attrs.get("mesh.source.namespace", "")[:63]
                         source_version = ""
-                        dest = _text(attrs.get("mesh.destination.service"), 63) or own_service
-                        dest_version = (
-                            _text(attrs.get("mesh.destination.version"), 63) or own_version
-                        )
+                        dest = attrs.get("mesh.destination.service", "")[:63] or own_service
+                        dest_version = attrs.get("mesh.destination.version", "")[:63] or own_version
                     else:
                         source = source or own_service
                         source_namespace = (
-                            _text(attrs.get("mesh.source.namespace"), 63) or own_namespace
+                            attrs.get("mesh.source.namespace", "")[:63] or own_namespace
                         )
-                        source_version = _text(attrs.get("mesh.source.version"), 63) or own_version
-                        dest = _text(attrs.get("mesh.destination.service"), 63)
-                        dest_version = _text(attrs.get("mesh.destination.version"), 63)
+                        source_version = attrs.get("mesh.source.version", "")[:63] or own_version
+                        dest = attrs.get("mesh.destination.service", "")[:63]
+                        dest_version = attrs.get("mesh.destination.version", "")[:63]
                     dest_namespace = (
-                        _text(attrs.get("mesh.destination.namespace"), 63) or own_namespace
+                        attrs.get("mesh.destination.namespace", "")[:63] or own_namespace
                     )
                     if not dest:
                         raise OtlpError(
@@ -481,30 +480,50 @@ def rollup_deltas(request: ExportMetricsServiceRequest, *, now_ns: int) -> Metri
                     # The interval's midpoint: a 5 s delta straddling a 10 s boundary lands in
                     # the bucket that holds most of it.
                     middle_s = (start + end) // 2 // 1_000_000_000
-                    failures = point.count if status_class in FAILURE_CLASSES else 0
+                    failures = count if status_class in FAILURE_CLASSES else 0
                     total_ms = point.sum if point.HasField("sum") else 0.0
-                    for resolution in RESOLUTIONS_S:
-                        start_s = middle_s - middle_s % resolution
-                        bucket = bucket_times.get(start_s)
-                        if bucket is None:
-                            bucket = bucket_times[start_s] = datetime.fromtimestamp(start_s, UTC)
-                        key: RollupKey = (
-                            resolution,
-                            bucket,
-                            source_namespace,
-                            source,
-                            source_version,
-                            dest_namespace,
-                            dest,
-                            dest_version,
-                        )
-                        delta = deltas.get(key)
-                        if delta is None:
-                            # Most keys are new in a request: made whole, not added to zeros.
-                            deltas[key] = RollupDelta(point.count, failures, total_ms, counts[:])
-                        else:
-                            delta.add(point.count, failures, total_ms, counts)
+                    # An edge's status classes (2xx, 5xx, ...) are summed here once, not once
+                    # per resolution; the resolutions' buckets are filled from the sums below.
+                    edge = (
+                        middle_s,
+                        source_namespace,
+                        source,
+                        source_version,
+                        dest_namespace,
+                        dest,
+                        dest_version,
+                    )
+                    summed = edges.get(edge)
+                    if summed is None:
+                        edges[edge] = RollupDelta(count, failures, total_ms, counts)
+                    else:
+                        summed.add(count, failures, total_ms, counts)
                     stored += 1
+    deltas: dict[RollupKey, RollupDelta] = {}
+    # A request's points mostly share their interval: each bucket's datetime is made once.
+    bucket_times: dict[int, datetime] = {}
+    for edge, summed in edges.items():
+        middle_s = edge[0]
+        for resolution in RESOLUTIONS_S:
+            start_s = middle_s - middle_s % resolution
+            bucket = bucket_times.get(start_s)
+            if bucket is None:
+                bucket = bucket_times[start_s] = datetime.fromtimestamp(start_s, UTC)
+            key: RollupKey = (resolution, bucket, *edge[1:])
+            delta = deltas.get(key)
+            if delta is None:
+                # Most keys are new in a request: made whole, not added to zeros (each with
+                # its own list: no two deltas share one).
+                deltas[key] = RollupDelta(
+                    summed.requests,
+                    summed.failures,
+                    summed.latency_sum_ms,
+                    summed.latency_counts[:],
+                )
+            else:
+                delta.add(
+                    summed.requests, summed.failures, summed.latency_sum_ms, summed.latency_counts
+                )
     messages = {
         "other": f"only {METRIC_NAME} is stored; other metrics were dropped",
         "time": "points with a start after their end or a time in the future were dropped",
@@ -569,14 +588,17 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
             f"AND dest_service IN ({', '.join(['%s'] * len(dests))})",
             (*(value for bucket in buckets for value in bucket), *dests),
         )
-    loads = json.loads
     for row in existing:
         into = by_stored_key.get(tuple(row[:8]))
         if into is not None:
             counts = row[11]
-            into.add(row[8], row[9], row[10], loads(counts) if isinstance(counts, str) else counts)
+            into.add(
+                row[8],
+                row[9],
+                row[10],
+                _decode_counts(counts) if isinstance(counts, str) else counts,
+            )
     upsert = _ROLLUP_UPSERT.format(p=placeholder)
-    dumps = _encode_json
     connection.exec_driver_sql(
         upsert,
         [
@@ -585,11 +607,26 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
                 delta.requests,
                 delta.failures,
                 delta.latency_sum_ms,
-                dumps(delta.latency_counts),
+                _encode_counts(delta.latency_counts),
             )
             for key, delta in by_stored_key.items()
         ],
     )
+
+
+def _encode_counts(counts: list[int]) -> str:
+    """A histogram's counts as the JSON array text json.dumps would give (compact): integers
+    only, so joined directly; json.dumps cost several times as much per row (measured)."""
+    return "[" + ",".join(map(str, counts)) + "]"
+
+
+def _decode_counts(text: str) -> list[int]:
+    """The stored JSON array of counts; int() takes the integers with or without spaces around
+    them, and anything else (never written here) goes through the JSON parser."""
+    try:
+        return [int(value) for value in text[1:-1].split(",")]
+    except ValueError:
+        return list(json.loads(text))
 
 
 _ROLLUP_KEY_NAMES = (

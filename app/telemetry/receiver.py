@@ -135,13 +135,18 @@ class RollupWriter:
             tuple[dict[ingest.RollupKey, ingest.RollupDelta], concurrent.futures.Future[None]]
         ],
     ) -> None:
+        # The requests' own deltas are merged into (each request's are its own and not read
+        # again): a key seen once, most of them, costs no copy.
         merged: dict[ingest.RollupKey, ingest.RollupDelta] = {}
         for deltas, _ in batch:
             for key, delta in deltas.items():
                 into = merged.get(key)
                 if into is None:
-                    merged[key] = into = ingest.RollupDelta()
-                into.add(delta.requests, delta.failures, delta.latency_sum_ms, delta.latency_counts)
+                    merged[key] = delta
+                else:
+                    into.add(
+                        delta.requests, delta.failures, delta.latency_sum_ms, delta.latency_counts
+                    )
         try:
             with _transaction(self._database, write=True) as session:
                 ingest.add_to_rollups(session, merged)
