@@ -541,10 +541,10 @@ def ingest_metrics(session: Session, request: ExportMetricsServiceRequest) -> Me
 def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> None:
     """Add the deltas to the stored rollups: insert new rows, add to existing ones.
 
-    The histogram is a JSON array and must be added element-wise, which SQL cannot do portably
-    in an upsert; so writers are serialised (SQLite's write transactions already begin with
-    the database lock; on PostgreSQL a transaction-scoped advisory lock), the existing rows
-    are read under that lock, merged here, and written back. Reads never wait for it.
+    The histogram is a JSON array and must be added element-wise. On SQLite the upsert does
+    that itself (with its JSON functions). On PostgreSQL writers are serialised (a
+    transaction-scoped advisory lock), the existing rows are read under that lock, merged
+    here, and written back. Reads never wait for either.
 
     Both statements go to the DBAPI cursor with positional tuples: SQLAlchemy's processing of
     every parameter and every result value by name (datetimes, JSON) cost more than the
@@ -569,25 +569,36 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
             stored = converted[start] = bucket_value(start)
         by_stored_key[(key[0], stored, *key[2:])] = delta
     if placeholder == "?":
-        # On SQLite, the stored rows of exactly these keys, each found through the unique
-        # key's index: the keys go in as one JSON array joined to the table. (Searching the
-        # buckets for the destinations read every row of a bucket to those services, mostly
-        # other sources' rows: half of what a write cost.)
-        keys = _encode_json(list(by_stored_key))
-        existing = connection.exec_driver_sql(_SQLITE_EXISTING, (keys,))
-    else:
-        # PostgreSQL planned the same join (from unnest) as a hash join over a scan of the
-        # whole table; the buckets' rows to these destinations, found through the index of
-        # the unique key's leading columns, cost less. One equality pair per bucket, ORed.
-        buckets = sorted({(key[0], key[1]) for key in by_stored_key})
-        dests = sorted({key[6] for key in by_stored_key})
-        pair = "(resolution_s = %s AND bucket_start = %s)"
-        existing = connection.exec_driver_sql(
-            f"SELECT {_ROLLUP_COLUMN_LIST} FROM edge_rollups "  # noqa: S608 (placeholders only)
-            f"WHERE ({' OR '.join([pair] * len(buckets))}) "
-            f"AND dest_service IN ({', '.join(['%s'] * len(dests))})",
-            (*(value for bucket in buckets for value in bucket), *dests),
+        # On SQLite the upsert adds to the stored row itself, the histogram element by element
+        # with SQLite's JSON functions: no read of the stored rows first (finding them, fetching
+        # and parsing them cost more than the upsert's additions, measured).
+        connection.exec_driver_sql(
+            _SQLITE_ADDING_UPSERT,
+            [
+                (
+                    *key,
+                    delta.requests,
+                    delta.failures,
+                    delta.latency_sum_ms,
+                    _encode_counts(delta.latency_counts),
+                )
+                for key, delta in by_stored_key.items()
+            ],
         )
+        return
+    # PostgreSQL: the stored rows are read under the lock and merged here. A join of the keys
+    # (from unnest) was planned as a hash join over a scan of the whole table; the buckets'
+    # rows to these destinations, found through the index of the unique key's leading
+    # columns, cost less. One equality pair per bucket, ORed.
+    buckets = sorted({(key[0], key[1]) for key in by_stored_key})
+    dests = sorted({key[6] for key in by_stored_key})
+    pair = "(resolution_s = %s AND bucket_start = %s)"
+    existing = connection.exec_driver_sql(
+        f"SELECT {_ROLLUP_COLUMN_LIST} FROM edge_rollups "  # noqa: S608 (placeholders only)
+        f"WHERE ({' OR '.join([pair] * len(buckets))}) "
+        f"AND dest_service IN ({', '.join(['%s'] * len(dests))})",
+        (*(value for bucket in buckets for value in bucket), *dests),
+    )
     for row in existing:
         into = by_stored_key.get(tuple(row[:8]))
         if into is not None:
@@ -641,12 +652,21 @@ _ROLLUP_KEY_NAMES = (
 )
 _ROLLUP_VALUE_NAMES = ("requests", "failures", "latency_sum_ms", "latency_counts")
 _ROLLUP_COLUMN_LIST = ", ".join(_ROLLUP_KEY_NAMES + _ROLLUP_VALUE_NAMES)
-_STORED_COLUMNS = ", ".join(f"r.{name}" for name in _ROLLUP_KEY_NAMES + _ROLLUP_VALUE_NAMES)
-_SQLITE_EXISTING = (
-    f"SELECT {_STORED_COLUMNS} FROM json_each(?) AS k JOIN edge_rollups AS r ON "  # noqa: S608
-    + " AND ".join(
-        f"r.{name} = json_extract(k.value, '$[{i}]')" for i, name in enumerate(_ROLLUP_KEY_NAMES)
+# SQLite: insert, or add to the stored row (an element missing on either side counts as 0).
+_SQLITE_ADDING_UPSERT = (
+    f"INSERT INTO edge_rollups ({_ROLLUP_COLUMN_LIST}) "  # noqa: S608 (column names only)
+    f"VALUES ({', '.join(['?'] * (len(_ROLLUP_KEY_NAMES) + len(_ROLLUP_VALUE_NAMES)))}) "
+    f"ON CONFLICT ({', '.join(_ROLLUP_KEY_NAMES)}) DO UPDATE SET "
+    "requests = edge_rollups.requests + excluded.requests, "
+    "failures = edge_rollups.failures + excluded.failures, "
+    "latency_sum_ms = edge_rollups.latency_sum_ms + excluded.latency_sum_ms, "
+    "latency_counts = json_array("
+    + ", ".join(
+        f"ifnull(json_extract(edge_rollups.latency_counts, '$[{i}]'), 0) + "
+        f"ifnull(json_extract(excluded.latency_counts, '$[{i}]'), 0)"
+        for i in range(histogram.BUCKETS)
     )
+    + ")"
 )
 # {p} is the driver's placeholder: ? for sqlite3, %s for psycopg (both positional). The JSON
 # text goes into a JSON column on SQLite and, cast by the server, a JSONB one on PostgreSQL.
