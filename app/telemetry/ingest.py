@@ -541,12 +541,13 @@ def ingest_metrics(session: Session, request: ExportMetricsServiceRequest) -> Me
 def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> None:
     """Add the deltas to the stored rollups: insert new rows, add to existing ones.
 
-    The histogram is a JSON array and must be added element-wise. On SQLite the upsert does
-    that itself (with its JSON functions). On PostgreSQL writers are serialised (a
-    transaction-scoped advisory lock), the existing rows are read under that lock, merged
-    here, and written back. Reads never wait for either.
+    The histogram is a JSON array, added element-wise by the upsert itself with the database's
+    JSON functions, so concurrent writers add up exactly. Writers are serialised all the same
+    (SQLite's write transactions begin with the database lock; on PostgreSQL a
+    transaction-scoped advisory lock): two of them upserting the same rows in another order
+    would deadlock. Reads never wait for it.
 
-    Both statements go to the DBAPI cursor with positional tuples: SQLAlchemy's processing of
+    The statement goes to the DBAPI cursor with positional tuples: SQLAlchemy's processing of
     every parameter and every result value by name (datetimes, JSON) cost more than the
     database's work (measured, bench/telemetry.py).
     """
@@ -568,50 +569,11 @@ def add_to_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> No
         if stored is None:
             stored = converted[start] = bucket_value(start)
         by_stored_key[(key[0], stored, *key[2:])] = delta
-    if placeholder == "?":
-        # On SQLite the upsert adds to the stored row itself, the histogram element by element
-        # with SQLite's JSON functions: no read of the stored rows first (finding them, fetching
-        # and parsing them cost more than the upsert's additions, measured).
-        connection.exec_driver_sql(
-            _SQLITE_ADDING_UPSERT,
-            [
-                (
-                    *key,
-                    delta.requests,
-                    delta.failures,
-                    delta.latency_sum_ms,
-                    _encode_counts(delta.latency_counts),
-                )
-                for key, delta in by_stored_key.items()
-            ],
-        )
-        return
-    # PostgreSQL: the stored rows are read under the lock and merged here. A join of the keys
-    # (from unnest) was planned as a hash join over a scan of the whole table; the buckets'
-    # rows to these destinations, found through the index of the unique key's leading
-    # columns, cost less. One equality pair per bucket, ORed.
-    buckets = sorted({(key[0], key[1]) for key in by_stored_key})
-    dests = sorted({key[6] for key in by_stored_key})
-    pair = "(resolution_s = %s AND bucket_start = %s)"
-    existing = connection.exec_driver_sql(
-        f"SELECT {_ROLLUP_COLUMN_LIST} FROM edge_rollups "  # noqa: S608 (placeholders only)
-        f"WHERE ({' OR '.join([pair] * len(buckets))}) "
-        f"AND dest_service IN ({', '.join(['%s'] * len(dests))})",
-        (*(value for bucket in buckets for value in bucket), *dests),
-    )
-    for row in existing:
-        into = by_stored_key.get(tuple(row[:8]))
-        if into is not None:
-            counts = row[11]
-            into.add(
-                row[8],
-                row[9],
-                row[10],
-                _decode_counts(counts) if isinstance(counts, str) else counts,
-            )
-    upsert = _ROLLUP_UPSERT.format(p=placeholder)
+    # The upsert adds to the stored row itself, the histogram element by element with the
+    # database's JSON functions: no read of the stored rows first (finding them, fetching and
+    # parsing them and merging here cost more than the upsert's additions, measured).
     connection.exec_driver_sql(
-        upsert,
+        _SQLITE_ADDING_UPSERT if placeholder == "?" else _POSTGRESQL_ADDING_UPSERT,
         [
             (
                 *key,
@@ -631,15 +593,6 @@ def _encode_counts(counts: list[int]) -> str:
     return "[" + ",".join(map(str, counts)) + "]"
 
 
-def _decode_counts(text: str) -> list[int]:
-    """The stored JSON array of counts; int() takes the integers with or without spaces around
-    them, and anything else (never written here) goes through the JSON parser."""
-    try:
-        return [int(value) for value in text[1:-1].split(",")]
-    except ValueError:
-        return list(json.loads(text))
-
-
 _ROLLUP_KEY_NAMES = (
     "resolution_s",
     "bucket_start",
@@ -652,30 +605,32 @@ _ROLLUP_KEY_NAMES = (
 )
 _ROLLUP_VALUE_NAMES = ("requests", "failures", "latency_sum_ms", "latency_counts")
 _ROLLUP_COLUMN_LIST = ", ".join(_ROLLUP_KEY_NAMES + _ROLLUP_VALUE_NAMES)
-# SQLite: insert, or add to the stored row (an element missing on either side counts as 0).
-_SQLITE_ADDING_UPSERT = (
-    f"INSERT INTO edge_rollups ({_ROLLUP_COLUMN_LIST}) "  # noqa: S608 (column names only)
-    f"VALUES ({', '.join(['?'] * (len(_ROLLUP_KEY_NAMES) + len(_ROLLUP_VALUE_NAMES)))}) "
-    f"ON CONFLICT ({', '.join(_ROLLUP_KEY_NAMES)}) DO UPDATE SET "
-    "requests = edge_rollups.requests + excluded.requests, "
-    "failures = edge_rollups.failures + excluded.failures, "
-    "latency_sum_ms = edge_rollups.latency_sum_ms + excluded.latency_sum_ms, "
-    "latency_counts = json_array("
-    + ", ".join(
-        f"ifnull(json_extract(edge_rollups.latency_counts, '$[{i}]'), 0) + "
-        f"ifnull(json_extract(excluded.latency_counts, '$[{i}]'), 0)"
+
+
+def _adding_upsert(placeholder: str, element: str) -> str:
+    """Insert, or add to the stored row; ``element`` is the SQL of a histogram element (with
+    {table}, {i}), an element missing on either side counting as 0."""
+    counts = ", ".join(
+        f"coalesce({element.format(table='edge_rollups', i=i)}, 0) + "
+        f"coalesce({element.format(table='excluded', i=i)}, 0)"
         for i in range(histogram.BUCKETS)
     )
-    + ")"
-)
-# {p} is the driver's placeholder: ? for sqlite3, %s for psycopg (both positional). The JSON
-# text goes into a JSON column on SQLite and, cast by the server, a JSONB one on PostgreSQL.
-_ROLLUP_UPSERT = (
-    f"INSERT INTO edge_rollups ({_ROLLUP_COLUMN_LIST}) "  # noqa: S608 (column names only)
-    f"VALUES ({', '.join(['{p}'] * (len(_ROLLUP_KEY_NAMES) + len(_ROLLUP_VALUE_NAMES)))}) "
-    f"ON CONFLICT ({', '.join(_ROLLUP_KEY_NAMES)}) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in _ROLLUP_VALUE_NAMES)
-)
+    values = ", ".join([placeholder] * (len(_ROLLUP_KEY_NAMES) + len(_ROLLUP_VALUE_NAMES)))
+    return (
+        f"INSERT INTO edge_rollups ({_ROLLUP_COLUMN_LIST}) "  # noqa: S608 (column names only)
+        f"VALUES ({values}) "
+        f"ON CONFLICT ({', '.join(_ROLLUP_KEY_NAMES)}) DO UPDATE SET "
+        "requests = edge_rollups.requests + excluded.requests, "
+        "failures = edge_rollups.failures + excluded.failures, "
+        "latency_sum_ms = edge_rollups.latency_sum_ms + excluded.latency_sum_ms, "
+        f"latency_counts = {'json_array' if placeholder == '?' else 'jsonb_build_array'}({counts})"
+    )
+
+
+# The JSON text of the counts goes into a JSON column on SQLite and, cast by the server, a
+# JSONB one on PostgreSQL.
+_SQLITE_ADDING_UPSERT = _adding_upsert("?", "json_extract({table}.latency_counts, '$[{i}]')")
+_POSTGRESQL_ADDING_UPSERT = _adding_upsert("%s", "({table}.latency_counts ->> {i})::bigint")
 
 
 def _point_count(metric: Any, data: str | None) -> int:
