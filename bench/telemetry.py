@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/telemetry.py [--json out.json] [--batches N] [--clients C]
                                         [--backends sqlite,postgresql] [--agents 1000]
+                                        [--parts spans,metrics] [--profile DIR]
 
 Rows:
 
@@ -21,6 +22,12 @@ Rows:
   per second, open loop, for ``--metrics-seconds``. Reports metric points/s and the server's CPU
   share (100 % = one core), beside the peer with ``MESH_OTLP_STORE=false`` (HTTP, auth,
   decoding; no rollup writes). Target: ≤ 10 % of one core for 1,000 agents.
+
+Each server is measured once its start-up work is done (its CPU quiet for a second): the push
+hub's first compile of the 1,000 seeded services used to land in the first measurement.
+``--parts spans`` or ``--parts metrics`` measures one half (short runs while iterating);
+``--profile DIR`` has py-spy (``pip install py-spy``) record each metrics server's stacks
+(``-f raw``, folded) into DIR.
 
 Everything shares the machine's cores with the client; read ratios against the peer.
 """
