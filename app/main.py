@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from app.agents.hub import PushHub
 from app.audit.trust import build_audit_trust
@@ -34,7 +35,7 @@ from app.middleware import (
     SecurityHeadersMiddleware,
 )
 from app.routers import API_ROUTERS, OPEN_API_ROUTERS, OPEN_WEB_ROUTERS, WEB_ROUTERS
-from app.telemetry.asgi import OtlpIngestMiddleware
+from app.telemetry.asgi import OtlpIngest
 from app.telemetry.read import EdgeWindowCache
 from app.telemetry.receiver import Receiver
 from app.telemetry.retention import Pruner
@@ -42,6 +43,20 @@ from app.topology.layout import LayoutCache
 from app.web import is_htmx, render
 
 STATIC_DIR = REPO_ROOT / "static"
+
+
+class ConsoleApp(FastAPI):
+    """The console, which hands OTLP exports (``POST /v1/traces``, ``/v1/metrics``) to the
+    receiver's own ASGI path ahead of its middleware stack (see app.telemetry.asgi)."""
+
+    otlp_ingest: OtlpIngest | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ingest = self.otlp_ingest
+        if ingest is not None and ingest.handles(scope):
+            await ingest(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
@@ -76,7 +91,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             if owns_database:
                 database.dispose()
 
-    app = FastAPI(
+    app = ConsoleApp(
         title="mesh control plane",
         version="0.1.0",
         summary="Service catalog, traffic policy and audit log of the mesh.",
@@ -107,8 +122,6 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     for router in WEB_ROUTERS:
         app.include_router(router, include_in_schema=False, dependencies=signed_in)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    # OTLP ingest ahead of routing (innermost: the middleware below still wraps it).
-    app.add_middleware(OtlpIngestMiddleware)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
@@ -173,8 +186,11 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     # The last added runs first: security headers go on every answer, refusals included.
     app.add_middleware(CsrfCookieMiddleware)
     app.add_middleware(InputEncodingMiddleware)
-    app.add_middleware(RequestOriginMiddleware, policy=HostPolicy(settings.effective_allowed_hosts))
+    host_policy = HostPolicy(settings.effective_allowed_hosts)
+    app.add_middleware(RequestOriginMiddleware, policy=host_policy)
     app.add_middleware(SecurityHeadersMiddleware)
+    # OTLP exports skip the stack above but keep its Host/Origin checks and security headers.
+    app.otlp_ingest = OtlpIngest(app.state, host_policy)
     return app
 
 

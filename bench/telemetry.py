@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/telemetry.py [--json out.json] [--batches N] [--clients C]
                                         [--backends sqlite,postgresql] [--agents 1000]
+                                        [--parts spans,metrics] [--profile DIR]
 
 Rows:
 
@@ -21,6 +22,12 @@ Rows:
   per second, open loop, for ``--metrics-seconds``. Reports metric points/s and the server's CPU
   share (100 % = one core), beside the peer with ``MESH_OTLP_STORE=false`` (HTTP, auth,
   decoding; no rollup writes). Target: ≤ 10 % of one core for 1,000 agents.
+
+Each server is measured once its start-up work is done (its CPU quiet for a second): the push
+hub's first compile of the 1,000 seeded services used to land in the first measurement.
+``--parts spans`` or ``--parts metrics`` measures one half (short runs while iterating);
+``--profile DIR`` has py-spy (``pip install py-spy``) record each metrics server's stacks
+(``-f raw``, folded) into DIR.
 
 Everything shares the machine's cores with the client; read ratios against the peer.
 """
@@ -231,6 +238,19 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return totals[0], totals[1]
 
 
+def settle(pid: int, *, below: float = 0.05, window_s: float = 1.0, limit_s: float = 60.0) -> None:
+    """Wait until the server's start-up work is done (its CPU over ``window_s`` under ``below``
+    of a core, or ``limit_s`` passed): the push hub's first compile of the 1,000 seeded
+    services took seconds of CPU after /healthz answered, and landed in whichever measurement
+    came first (profiled: ~3 % of a core in a 15 s metrics run)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        before = sum(cpu_seconds(pid))
+        time.sleep(window_s)
+        if sum(cpu_seconds(pid)) - before < below * window_s:
+            return
+
+
 def post_all(
     port: int, bodies: list[bytes], clients: int, path: str, content_type: str, token: str
 ) -> tuple[float, dict[int, int]]:
@@ -331,10 +351,12 @@ def measure_spans(
     with serve(url, workdir, **env) as (port, pid):
         token = join_token(workdir)
         rest: list[float] = []
+        settle(pid)  # the pages at rest too: not beside the hub's first compile
         if catalog:
             rest = page_latencies(port, threading.Event(), 100, CATALOG_PAUSE_S)
         # warm the receiver (imports, connection pools) outside the timed run
         post_all(port, bodies[:2], 1, "/v1/traces", "application/x-protobuf", token)
+        settle(pid)
         cpu0 = cpu_seconds(pid)
         during: list[float] = []
         stop = threading.Event()
@@ -381,6 +403,7 @@ def measure_metrics(
     seconds: float,
     *,
     store: bool = True,
+    profile: Path | None = None,
 ) -> MetricsRow:
     """Open loop: request i is due at i / rate, sent by whichever of 16 connections is free,
     so a slow answer does not lower the offered rate."""
@@ -393,8 +416,30 @@ def measure_metrics(
     with serve(url, workdir, **env) as (port, pid):
         token = join_token(workdir)
         post_all(port, bodies[:2], 1, "/v1/metrics", "application/x-protobuf", token)  # warm up
+        settle(pid)
         cpu0 = cpu_seconds(pid)
         began = time.perf_counter()
+        spy = None
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            spy = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-f",
+                    "raw",
+                    "-r",
+                    "200",
+                    "-d",
+                    str(int(seconds)),
+                    "-o",
+                    str(profile / f"metrics-{backend}-{'store' if store else 'peer'}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
         def sender() -> None:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -431,6 +476,8 @@ def measure_metrics(
             t.join()
         elapsed = time.perf_counter() - began
         cpu = sum(cpu_seconds(pid)) - sum(cpu0)
+        if spy is not None:
+            spy.wait()
     points = statuses.get(200, 0) * 6
     return MetricsRow(
         backend=backend if store else "no-op peer (store off)",
@@ -464,7 +511,18 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--metrics-seconds", type=float, default=20.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--parts",
+        default="spans,metrics",
+        help="which rows to measure: spans, metrics or both (short runs while iterating)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="directory: py-spy records each metrics server (raw folded stacks) into it",
+    )
     args = parser.parse_args()
+    parts = {p.strip() for p in args.parts.split(",")}
     print(
         f"mesh telemetry benchmark: {args.batches} x {SPANS_PER_BATCH} spans, {args.clients} "
         f"clients; {args.agents} agents every 10 s for {args.metrics_seconds:.0f} s; "
@@ -472,10 +530,10 @@ def main() -> int:
     )
     began = time.perf_counter()
     batches = {
-        backend: span_batches(args.batches + 2, seed=i)
+        backend: span_batches(args.batches + 2, seed=i) if "spans" in parts else []
         for i, backend in enumerate(["peer", *args.backends.split(",")])
     }
-    agents = agent_bodies(args.agents)
+    agents = agent_bodies(args.agents) if "metrics" in parts else []
     print(f"  payloads built in {time.perf_counter() - began:.1f} s")
     span_rows: list[SpanRow] = []
     metric_rows: list[MetricsRow] = []
@@ -485,14 +543,30 @@ def main() -> int:
         peer.mkdir()
         with prepared_database("sqlite", peer) as url:
             migrate_and_seed(url)
-            span_rows.append(
-                measure_spans(
-                    "sqlite", url, peer, batches["peer"], args.clients, store=False, catalog=False
+            if "spans" in parts:
+                span_rows.append(
+                    measure_spans(
+                        "sqlite",
+                        url,
+                        peer,
+                        batches["peer"],
+                        args.clients,
+                        store=False,
+                        catalog=False,
+                    )
                 )
-            )
-            metric_rows.append(
-                measure_metrics("sqlite", url, peer, agents, args.metrics_seconds, store=False)
-            )
+            if "metrics" in parts:
+                metric_rows.append(
+                    measure_metrics(
+                        "sqlite",
+                        url,
+                        peer,
+                        agents,
+                        args.metrics_seconds,
+                        store=False,
+                        profile=args.profile,
+                    )
+                )
             print("  peer done")
         for backend in args.backends.split(","):
             backend = backend.strip()
@@ -500,48 +574,66 @@ def main() -> int:
             sub.mkdir()
             with prepared_database(backend, sub) as url:
                 migrate_and_seed(url)
-                span_rows.append(
-                    measure_spans(
-                        backend, url, sub, batches[backend], args.clients, store=True, catalog=True
+                if "spans" in parts:
+                    span_rows.append(
+                        measure_spans(
+                            backend,
+                            url,
+                            sub,
+                            batches[backend],
+                            args.clients,
+                            store=True,
+                            catalog=True,
+                        )
                     )
-                )
-                metric_rows.append(measure_metrics(backend, url, sub, agents, args.metrics_seconds))
+                if "metrics" in parts:
+                    metric_rows.append(
+                        measure_metrics(
+                            backend, url, sub, agents, args.metrics_seconds, profile=args.profile
+                        )
+                    )
                 print(f"  {backend} done")
 
-    print()
-    header = (
-        f"{'spans':<31} {'spans/s':>8} {'x peer':>6} {'per core':>9} {'per worker':>11} "
-        f"{'server CPU s':>12} {'catalog p95 rest':>17} {'during ingest':>14}  statuses"
-    )
-    print(header)
-    print("-" * len(header))
-    peer_rate = span_rows[0].spans_per_s
-    for row in span_rows:
-        rest = f"{row.catalog_p95_rest_ms:.1f} ms" if row.catalog_p95_rest_ms is not None else "—"
-        during = (
-            f"{row.catalog_p95_ingest_ms:.1f} ms" if row.catalog_p95_ingest_ms is not None else "—"
+    if span_rows:
+        print()
+        header = (
+            f"{'spans':<31} {'spans/s':>8} {'x peer':>6} {'per core':>9} {'per worker':>11} "
+            f"{'server CPU s':>12} {'catalog p95 rest':>17} {'during ingest':>14}  statuses"
         )
-        print(
-            f"{row.backend:<31} {row.spans_per_s:>8,.0f} {row.spans_per_s / peer_rate:>6.2f} "
-            f"{row.spans_per_core_s:>9,.0f} "
-            f"{row.spans_per_worker_core_s:>11,.0f} {row.server_cpu_s:>12.1f} "
-            f"{rest:>17} {during:>14}  {row.statuses}"
+        print(header)
+        print("-" * len(header))
+        peer_rate = span_rows[0].spans_per_s
+        for row in span_rows:
+            rest = (
+                f"{row.catalog_p95_rest_ms:.1f} ms" if row.catalog_p95_rest_ms is not None else "—"
+            )
+            during = (
+                f"{row.catalog_p95_ingest_ms:.1f} ms"
+                if row.catalog_p95_ingest_ms is not None
+                else "—"
+            )
+            print(
+                f"{row.backend:<31} {row.spans_per_s:>8,.0f} {row.spans_per_s / peer_rate:>6.2f} "
+                f"{row.spans_per_core_s:>9,.0f} "
+                f"{row.spans_per_worker_core_s:>11,.0f} {row.server_cpu_s:>12.1f} "
+                f"{rest:>17} {during:>14}  {row.statuses}"
+            )
+        print(f"{'reference: OTel Collector':<31} {'':>8} {COLLECTOR_SPANS_S_PER_CORE:>9,}")
+    if metric_rows:
+        print()
+        header = (
+            f"{'agent metrics':<22} {'agents':>7} {'requests':>9} {'points/s':>9} "
+            f"{'server CPU':>11} {'x peer':>7}  statuses"
         )
-    print(f"{'reference: OTel Collector':<31} {'':>8} {COLLECTOR_SPANS_S_PER_CORE:>9,}")
-    print()
-    header = (
-        f"{'agent metrics':<22} {'agents':>7} {'requests':>9} {'points/s':>9} "
-        f"{'server CPU':>11} {'x peer':>7}  statuses"
-    )
-    print(header)
-    print("-" * len(header))
-    peer_cpu = metric_rows[0].server_cpu_share
-    for m in metric_rows:
-        print(
-            f"{m.backend:<22} {m.agents:>7} {m.requests:>9} {m.points_per_s:>9,.0f} "
-            f"{m.server_cpu_share * 100:>10.1f}% {m.server_cpu_share / peer_cpu:>7.2f}  "
-            f"{m.statuses}"
-        )
+        print(header)
+        print("-" * len(header))
+        peer_cpu = metric_rows[0].server_cpu_share
+        for m in metric_rows:
+            print(
+                f"{m.backend:<22} {m.agents:>7} {m.requests:>9} {m.points_per_s:>9,.0f} "
+                f"{m.server_cpu_share * 100:>10.1f}% {m.server_cpu_share / peer_cpu:>7.2f}  "
+                f"{m.statuses}"
+            )
     print()
     verdicts = []
     for row in span_rows:

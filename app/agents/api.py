@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
+from starlette.datastructures import State
 
 from app.agents import service
 from app.agents.hub import PushHub
@@ -57,32 +58,47 @@ _last_auth_log = [0.0, 0]
 async def require_agent_token(request: Request, hub: HubDep) -> None:
     """Agents present the mesh join token as a bearer token; anything else is refused (401),
     counted, and logged at most once a minute (a misconfigured fleet must not flood the log)."""
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    request.state.join_namespace = await agent_token_namespace(
+        hub,
+        request.app.state,
+        request.headers.get("authorization", ""),
+        request.client.host if request.client else None,
+    )
+
+
+async def agent_token_namespace(
+    hub: PushHub, state: State, authorization: str, client: str | None
+) -> str | None:
+    """The namespace a bearer join token admits to (None: the mesh-wide token file, any
+    namespace); raises Unauthorized. The checks of :func:`require_agent_token`, for callers
+    without a Request (the OTLP receiver's ASGI path, app.telemetry.asgi).
+
+    Neither check touches the database on the hot path: the token file is re-read when its
+    modification time changes, looked at no more than every ``app.agents.token.RECHECK_S``
+    (1 s), and database join tokens are remembered ``app.agents.join.RECHECK_S`` (5 s) after
+    each lookup; those are the longest a rotated or revoked token keeps working."""
+    scheme, _, presented = authorization.partition(" ")
     presented = presented.strip()
     if scheme.lower() == "bearer" and presented:
         if hub.token.check(presented):
-            request.state.join_namespace = None  # the mesh-wide token file: any namespace
-            return
-        grant = await _join_grants(request).grant(presented)
+            return None
+        grant = await _join_grants(state).grant(presented)
         if grant is not None:
-            request.state.join_namespace = grant.namespace
-            return
+            return grant.namespace
     hub.metrics.unauthorized.inc()
     now = time.monotonic()
     _last_auth_log[1] += 1
     if now - _last_auth_log[0] >= 60:
-        client = request.client.host if request.client else "?"
         log.warning(
             "refused %d agent request(s) without a valid join token (latest from %s)",
             _last_auth_log[1],
-            client,
+            client or "?",
         )
         _last_auth_log[0], _last_auth_log[1] = now, 0
     raise Unauthorized("a valid mesh join token is required (Authorization: Bearer <token>)")
 
 
-def _join_grants(request: Request) -> JoinGrants:
-    state = request.app.state
+def _join_grants(state: State) -> JoinGrants:
     grants: JoinGrants | None = getattr(state, "join_grants", None)
     if grants is None:
         grants = state.join_grants = JoinGrants(state.database)

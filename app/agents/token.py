@@ -32,7 +32,7 @@ class JoinToken:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._cached: tuple[int, str] | None = None
+        self._cached: tuple[tuple[int, int], str] | None = None
         self._checked_at = 0.0
 
     def ensure(self) -> str:
@@ -62,7 +62,10 @@ class JoinToken:
         now = time.monotonic()
         if self._cached is not None and now - self._checked_at < RECHECK_S:
             return self._cached[1]
-        stamp = self.path.stat().st_mtime_ns
+        # The inode too: a rotation writes a new file (os.replace), and file times come from a
+        # coarse clock, so one within a few ms of the last write can keep the same mtime.
+        status = self.path.stat()
+        stamp = (status.st_mtime_ns, status.st_ino)
         if self._cached is None or self._cached[0] != stamp:
             self._cached = (stamp, self.path.read_text().strip())
         self._checked_at = now

@@ -6,6 +6,7 @@ store cost no thread; decoding and writing happen in ingest's own workers (``rec
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import Response
 from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
+from starlette.datastructures import State
 
 from app import metrics
 from app.deps import SessionDep
@@ -21,7 +23,16 @@ from app.telemetry.receiver import Receiver
 from app.telemetry.schemas import TraceList, TraceRead
 from app.telemetry.throttle import ClientRateLimiter
 
-__all__ = ["receive", "receiver", "receiver_for", "require_ingest_auth", "router"]
+__all__ = [
+    "answer",
+    "check_ingest_auth",
+    "receive",
+    "receiver",
+    "receiver_for",
+    "receiver_of",
+    "require_ingest_auth",
+    "router",
+]
 
 Signal = Literal["traces", "metrics"]
 TRACE_ID_PATTERN = r"^[0-9a-fA-F]{32}$"
@@ -35,10 +46,19 @@ async def require_ingest_auth(request: Request) -> None:
     """Who may send telemetry: holders of the mesh join token (``Authorization: Bearer …``),
     as agents send it; an OpenTelemetry SDK or Collector sets the same header
     (``OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20<token>``). Anything else is 401."""
-    from app.agents.api import require_agent_token
+    await check_ingest_auth(
+        request.app.state,
+        request.headers.get("authorization", ""),
+        request.client.host if request.client else None,
+    )
 
-    if request.app.state.settings.otlp_require_token:
-        await require_agent_token(request, request.app.state.hub)
+
+async def check_ingest_auth(state: State, authorization: str, client: str | None) -> None:
+    """:func:`require_ingest_auth` without a Request; raises the 401 (a DomainError)."""
+    from app.agents.api import agent_token_namespace
+
+    if state.settings.otlp_require_token:
+        await agent_token_namespace(state.hub, state, authorization, client)
 
 
 receiver = APIRouter(tags=["otlp"], dependencies=[Depends(require_ingest_auth)])
@@ -76,22 +96,46 @@ async def export_metrics(request: Request) -> Response:
 
 def receiver_for(request: Request) -> Receiver:
     """The app's receiver (made at start-up; made here for an app run without its lifespan)."""
-    found: Receiver | None = getattr(request.app.state, "otlp_receiver", None)
+    return receiver_of(request.app.state)
+
+
+def receiver_of(state: State) -> Receiver:
+    found: Receiver | None = getattr(state, "otlp_receiver", None)
     if found is None:  # on the event loop thread: no race
-        found = Receiver(request.app.state.database, request.app.state.settings)
-        request.app.state.otlp_receiver = found
+        found = state.otlp_receiver = Receiver(state.database, state.settings)
     return found
 
 
+# (status, body, content type, extra headers): an answer to an export, for the route to wrap in
+# a Response and for the ASGI path (app.telemetry.asgi) to send as it is.
+Answer = tuple[int, bytes, str, dict[str, str] | None]
+
+
 async def receive(request: Request, signal: Signal) -> Response:
-    """One OTLP export request, answered: the routes' handler and the ASGI fast path's
-    (:mod:`app.telemetry.asgi`), after the join-token check."""
-    receiver = receiver_for(request)
+    """One OTLP export request, answered by the FastAPI routes (after the join-token check)."""
+    status, content, media, headers = await answer(
+        receiver_for(request),
+        signal,
+        request.headers,
+        request.client.host if request.client else None,
+        request.stream(),
+    )
+    return Response(content, status_code=status, media_type=media, headers=headers)
+
+
+async def answer(
+    receiver: Receiver,
+    signal: Signal,
+    headers: Mapping[str, str],
+    client: str | None,
+    body: AsyncIterator[bytes],
+) -> Answer:
+    """One OTLP export, answered: the routes' handler and the ASGI path's. ``headers`` maps
+    lower-case names; ``body`` yields the body's chunks as they arrive (it is not read past
+    MESH_OTLP_MAX_BYTES)."""
     settings = receiver.settings
     key = ClientRateLimiter.client_key(
-        request.headers.get("authorization"),
-        request.client.host if request.client else None,
-        request.headers.get("x-mesh-agent"),
+        headers.get("authorization"), client, headers.get("x-mesh-agent")
     )
     wait = receiver.limiter.acquire(key)
     if wait > 0:
@@ -104,32 +148,31 @@ async def receive(request: Request, signal: Signal) -> Response:
         )
     encoding: otlp.Encoding | None = None
     try:
-        encoding = otlp.media_type(request.headers.get("content-type"))
-        body = await _read_body(request, settings.otlp_max_bytes)
+        encoding = otlp.media_type(headers.get("content-type"))
+        data = await _read_body(headers.get("content-length"), body, settings.otlp_max_bytes)
         if receiver.slots.full:
             metrics.OTLP_REJECTED.labels(signal, "busy").inc()
             return _error(encoding, 503, "ingest is saturated; retry later", {"Retry-After": "1"})
-        content_encoding = request.headers.get("content-encoding")
+        content_encoding = headers.get("content-encoding")
         store = receiver.store_traces if signal == "traces" else receiver.store_metrics
-        content = await store(body, encoding, content_encoding)
+        content = await store(data, encoding, content_encoding)
     except otlp.OtlpError as exc:
         metrics.OTLP_REJECTED.labels(signal, exc.reason).inc()
         return _error(encoding, exc.status, exc.message)
-    return Response(content, media_type=encoding)
+    return 200, content, encoding, None
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def _read_body(declared: str | None, body: AsyncIterator[bytes], max_bytes: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise otlp.OtlpError(413, f"body larger than {max_bytes} bytes", "too_large")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    async for chunk in body:
         size += len(chunk)
         if size > max_bytes:
             raise otlp.OtlpError(413, f"body larger than {max_bytes} bytes", "too_large")
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _error(
@@ -137,18 +180,19 @@ def _error(
     status: int,
     message: str,
     headers: dict[str, str] | None = None,
-) -> Response:
+) -> Answer:
     """OTLP's error body: a google.rpc.Status in the request's encoding (JSON when unknown)."""
-    if encoding == otlp.PROTOBUF:
-        body = Status(code=_GRPC_CODES.get(status, 2), message=message).SerializeToString()
-        return Response(body, status_code=status, media_type=otlp.PROTOBUF, headers=headers)
     status_message = Status(code=_GRPC_CODES.get(status, 2), message=message)
-    return Response(
-        json_format.MessageToJson(status_message, indent=None),
-        status_code=status,
-        media_type=otlp.JSON,
-        headers=headers,
-    )
+    if encoding == otlp.PROTOBUF:
+        return status, status_message.SerializeToString(), otlp.PROTOBUF, headers
+    body = json_format.MessageToJson(status_message, indent=None).encode()
+    return status, body, otlp.JSON, headers
+
+
+def error_answer(status: int, message: str, headers: dict[str, str] | None = None) -> Answer:
+    """An OTLP error body (JSON) for a failure outside :func:`answer` (the ASGI path's 500 and
+    503 for an unavailable database)."""
+    return _error(None, status, message, headers)
 
 
 # HTTP status → gRPC code, for the Status body (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, …).

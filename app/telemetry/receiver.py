@@ -10,9 +10,9 @@ its own (a malformed one gets its 400 and stores nothing), stores the rows of al
 in one transaction, and each request is answered once that commits.
 
 Metric requests are small and frequent (1,000 agents every 10 s are 100 a second): each hands
-its decoded deltas to one writer thread and waits for the transaction that stores them; the
-writer takes everything queued while reports keep coming (up to 250 ms after the first) and
-writes it in one transaction.
+its body to one writer thread and waits for the transaction that stores it; the writer takes
+everything queued while reports keep coming (up to 250 ms after the first), decodes it (a
+malformed report gets its 400 and stores nothing) and writes the rest in one transaction.
 
 Either way a request is answered only once its data is committed, and a failed transaction
 fails every request in it (they retry), so nothing is half stored.
@@ -53,12 +53,42 @@ log = logging.getLogger(__name__)
 
 _transaction = contextmanager(session_scope)
 
-# Metrics bodies up to this size are decoded on the event loop (see Receiver.store_metrics).
-INLINE_DECODE_MAX_BYTES = 16 * 1024
+
+# What a metrics report gets back from the writer: (points received, points stored, message
+# for OTLP's partial success).
+ReportResult = tuple[int, int, str]
+
+
+class _Report:
+    """One metrics report in the writer's queue: a body still to decode (the receiver's) or
+    deltas already made (:meth:`RollupWriter.submit`), and whom to tell when it is stored."""
+
+    __slots__ = ("body", "content_encoding", "deltas", "encoding", "future", "loop", "now_ns")
+
+    def __init__(self) -> None:
+        self.body = b""
+        self.encoding: otlp.Encoding = "application/x-protobuf"
+        self.content_encoding: str | None = None
+        self.now_ns = 0
+        self.deltas: dict[ingest.RollupKey, ingest.RollupDelta] | None = None
+        # Either an asyncio future of ``loop`` (the receiver's requests), settled on the loop,
+        # or a concurrent one (submit()), settled from the writer's thread.
+        self.future: asyncio.Future[ReportResult] | concurrent.futures.Future[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
 
 class RollupWriter:
-    """One thread that adds queued metric deltas to the rollups, many requests per commit."""
+    """One thread that decodes queued metric reports and adds them to the rollups, many
+    reports per commit.
+
+    The event loop only queues a report's body and awaits its answer: decoding happens here,
+    a whole batch in a row. A report decoded on the loop ran after the loop had slept, with
+    caches cold, and cost about three times what the same decode costs in a run of them
+    (bench/telemetry.py, profiled). Queueing wakes this thread only for the first report of
+    a batch, and the batch's answers reach the loop in one call, not one wake-up per report.
+    A malformed report is refused on its own (its 400 comes with the batch's answers); the
+    others are stored.
+    """
 
     def __init__(
         self,
@@ -67,91 +97,176 @@ class RollupWriter:
         linger_s: float = 0.25,
         quiet_s: float = 0.05,
         max_batch: int = 500,
+        max_bytes: int = 8 * 1024 * 1024,
+        store: bool = True,
     ) -> None:
         self._database = database
         self.linger_s = linger_s
         self.quiet_s = quiet_s
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[
-            tuple[dict[ingest.RollupKey, ingest.RollupDelta], concurrent.futures.Future[None]]
-            | None
-        ] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self.max_bytes = max_bytes
+        self.store = store
         self._lock = threading.Lock()
+        self._pending: list[_Report] = []
+        self._arrived = threading.Event()  # set while _pending holds reports
+        self._stopping = False
+        self._thread: threading.Thread | None = None
         self.commits = 0
 
     def submit(
         self, deltas: dict[ingest.RollupKey, ingest.RollupDelta]
     ) -> concurrent.futures.Future[None]:
         """A future that completes when the deltas are committed (or fails with the error)."""
+        report = _Report()
+        report.deltas = deltas
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        report.future = future
+        self._put(report)
+        return future
+
+    def report(
+        self, body: bytes, encoding: otlp.Encoding, content_encoding: str | None
+    ) -> asyncio.Future[ReportResult]:
+        """On the event loop: a future of the report's (points, stored, message) once it is
+        decoded and committed; it fails with OtlpError for a report refused whole."""
+        loop = asyncio.get_running_loop()
+        report = _Report()
+        report.body = body
+        report.encoding = encoding
+        report.content_encoding = content_encoding
+        report.now_ns = time.time_ns()
+        future: asyncio.Future[ReportResult] = loop.create_future()
+        report.future = future
+        report.loop = loop
+        self._put(report)
+        return future
+
+    def _put(self, report: _Report) -> None:
         with self._lock:
             if self._thread is None:
+                self._stopping = False
                 self._thread = threading.Thread(target=self._run, name="rollup-writer", daemon=True)
                 self._thread.start()
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._queue.put((deltas, future))
-        return future
+            self._pending.append(report)
+            if len(self._pending) == 1:
+                self._arrived.set()
 
     def close(self) -> None:
         with self._lock:
             thread, self._thread = self._thread, None
+            self._stopping = True
+            self._arrived.set()
         if thread is not None:
-            self._queue.put(None)
             thread.join(timeout=10)
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            stop = False
+            self._arrived.wait()
             # Linger for more while more keep coming: up to 250 ms while reports arrive less
             # than 50 ms apart, so 100 reports a second make transactions of about 25 (each
             # report cost half as much as in transactions of 5, measured), and a lone report
             # waits 50 ms at most. Agents do not mind the wait; the database minds the commits.
+            # The queue is looked at every quiet_s, not woken for every report.
             deadline = time.monotonic() + self.linger_s
-            while len(batch) < self.max_batch:
-                remaining = min(deadline - time.monotonic(), self.quiet_s)
-                try:
-                    more = (
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
+            seen = -1
+            while True:
+                with self._lock:
+                    queued, stopping = len(self._pending), self._stopping
+                if stopping or queued == seen or queued >= self.max_batch:
                     break
-                if more is None:
-                    stop = True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     break
-                batch.append(more)
-            self._write(batch)
-            if stop:
+                seen = queued
+                time.sleep(min(self.quiet_s, remaining))
+            with self._lock:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                if not self._pending:
+                    self._arrived.clear()
+                leave = self._stopping and not self._pending
+            if batch:
+                self._write(batch)
+            if leave:
                 return
 
-    def _write(
-        self,
-        batch: list[
-            tuple[dict[ingest.RollupKey, ingest.RollupDelta], concurrent.futures.Future[None]]
-        ],
-    ) -> None:
+    def _write(self, batch: list[_Report]) -> None:
+        answers: list[tuple[_Report, ReportResult | BaseException]] = []
+        stored: list[tuple[_Report, ReportResult]] = []
+        # The reports' own deltas are merged into (each report's are its own and not read
+        # again): a key seen once, most of them, costs no copy.
         merged: dict[ingest.RollupKey, ingest.RollupDelta] = {}
-        for deltas, _ in batch:
-            for key, delta in deltas.items():
-                into = merged.get(key)
-                if into is None:
-                    merged[key] = into = ingest.RollupDelta()
-                into.add(delta.requests, delta.failures, delta.latency_sum_ms, delta.latency_counts)
-        try:
-            with _transaction(self._database, write=True) as session:
-                ingest.add_to_rollups(session, merged)
-        except Exception as exc:
-            for _, future in batch:
-                future.set_exception(exc)
-            return
-        self.commits += 1
-        for _, future in batch:
-            future.set_result(None)
+        for report in batch:
+            deltas = report.deltas
+            result: ReportResult = (0, 0, "")
+            if deltas is None:
+                try:
+                    decoded = self._decode(report)
+                except otlp.OtlpError as exc:
+                    answers.append((report, exc))
+                    continue
+                except Exception as exc:  # a bug: that report fails (500), the others go on
+                    log.exception("decoding a metrics report failed")
+                    answers.append((report, RuntimeError(f"metrics report failed: {exc!r}")))
+                    continue
+                deltas = decoded.deltas
+                result = (decoded.points, decoded.stored, decoded.message)
+            if self.store:
+                for key, delta in deltas.items():
+                    into = merged.get(key)
+                    if into is None:
+                        merged[key] = delta
+                    else:
+                        into.add(
+                            delta.requests,
+                            delta.failures,
+                            delta.latency_sum_ms,
+                            delta.latency_counts,
+                        )
+            stored.append((report, result))
+        failure: BaseException | None = None
+        if merged:
+            try:
+                with _transaction(self._database, write=True) as session:
+                    ingest.add_to_rollups(session, merged)
+                self.commits += 1
+            except Exception as exc:
+                failure = exc
+        for report, result in stored:
+            answers.append((report, failure if failure is not None else result))
+        self._answer(answers)
+
+    def _decode(self, report: _Report) -> ingest.MetricsBatch:
+        data = otlp.decompress(report.body, report.content_encoding, self.max_bytes)
+        request = otlp.decode_metrics(data, report.encoding)
+        return ingest.rollup_deltas(request, now_ns=report.now_ns)
+
+    @staticmethod
+    def _answer(answers: list[tuple[_Report, ReportResult | BaseException]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+        for report, outcome in answers:
+            future = report.future
+            if report.loop is not None:
+                by_loop.setdefault(report.loop, []).append((future, outcome))
+            elif isinstance(future, concurrent.futures.Future):
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(None)
+        for loop, settled in by_loop.items():
+            with suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list[tuple[asyncio.Future[ReportResult], Any]]) -> None:
+    """On the loop: the batch's answers, all at once."""
+    for future, outcome in settled:
+        if future.done():  # the request was cancelled (its client went away)
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 class Receiver:
@@ -162,7 +277,9 @@ class Receiver:
         self.settings = settings
         self.limiter = ClientRateLimiter(settings.otlp_rate_per_s, settings.otlp_burst)
         self.slots = IngestSlots(settings.otlp_max_concurrent, settings.otlp_max_waiting)
-        self.writer = RollupWriter(database)
+        self.writer = RollupWriter(
+            database, max_bytes=settings.otlp_max_bytes, store=settings.otlp_store
+        )
         self._workers = [
             SpanWorker(database.url, settings) for _ in range(settings.otlp_worker_processes)
         ]
@@ -198,28 +315,18 @@ class Receiver:
     async def store_metrics(
         self, body: bytes, encoding: otlp.Encoding, content_encoding: str | None
     ) -> bytes:
-        """Decode one metrics export (in an ingest thread: it is cheap) and wait, without a
-        thread, for the writer's commit that stores it; the response body."""
+        """Queue one metrics export for the writer, which decodes it with the others of its
+        batch and commits them, and wait for it without a thread; the response body."""
         started = time.perf_counter()
-        if len(body) <= INLINE_DECODE_MAX_BYTES and not content_encoding:
-            # An agent's report (a few edges, ~1 KiB) decodes in less time than the hop to a
-            # thread and back costs; only larger or compressed bodies leave the event loop.
-            batch = self._decode_metrics(body, encoding, content_encoding)
-        else:
-            decode = partial(self._decode_metrics, body, encoding, content_encoding)
-            batch = await anyio.to_thread.run_sync(decode, limiter=self.slots.limiter)
-        metrics.METRIC_POINTS_RECEIVED.inc(batch.points)
-        if batch.deltas and self.settings.otlp_store:
-            await asyncio.wrap_future(self.writer.submit(batch.deltas))
-            metrics.METRIC_POINTS_STORED.inc(batch.stored)
-        metrics.INGEST_SECONDS.labels("metrics").observe(time.perf_counter() - started)
-        return otlp.encode_response(encoding, "metrics", batch.points - batch.stored, batch.message)
+        points, stored, message = await self.writer.report(body, encoding, content_encoding)
+        metrics.METRIC_POINTS_RECEIVED.inc(points)
+        if self.settings.otlp_store:
+            metrics.METRIC_POINTS_STORED.inc(stored)
+        _METRICS_SECONDS.observe(time.perf_counter() - started)
+        return otlp.encode_response(encoding, "metrics", points - stored, message)
 
-    def _decode_metrics(
-        self, body: bytes, encoding: otlp.Encoding, content_encoding: str | None
-    ) -> ingest.MetricsBatch:
-        data = otlp.decompress(body, content_encoding, self.settings.otlp_max_bytes)
-        return ingest.rollup_deltas(otlp.decode_metrics(data, encoding), now_ns=time.time_ns())
+
+_METRICS_SECONDS = metrics.INGEST_SECONDS.labels("metrics")
 
 
 TraceExport = tuple[bytes, otlp.Encoding, str | None]  # body, encoding, content encoding

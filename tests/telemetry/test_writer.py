@@ -4,14 +4,18 @@ buckets already held (the existing rows are found through the unique key's index
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+import time
 from datetime import UTC, datetime
 
 from sqlalchemy import select
 
 from app.db import Database
-from app.telemetry import histogram, ingest
+from app.telemetry import histogram, ingest, otlp
 from app.telemetry.models import EdgeRollup
 from app.telemetry.receiver import RollupWriter
+from tests.telemetry.support import duration_point, metrics_document, metrics_protobuf
 
 BUCKET = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
@@ -76,3 +80,44 @@ def test_later_reports_add_to_the_rows_already_stored(database: Database) -> Non
             )
         ).one()
     assert (web.failures, web.latency_sum_ms, web.latency_counts[2]) == (3, 60.0, 15)
+
+
+def _report_body(source: str, samples: int) -> bytes:
+    now = time.time_ns()
+    point = duration_point(
+        source=source,
+        destination="reviews",
+        destination_version="v1",
+        status_class="2xx",
+        samples_ms=[3.0] * samples,
+        start_ns=now - 5 * 10**9,
+        end_ns=now,
+    )
+    return metrics_protobuf(metrics_document([point]))
+
+
+def test_reports_are_decoded_by_the_writer_and_a_malformed_one_fails_alone(
+    database: Database,
+) -> None:
+    """Bodies queued from the event loop: the writer decodes the batch; the malformed one gets
+    its own OtlpError (400) and the others of the same transaction are stored."""
+    writer = RollupWriter(database, linger_s=60.0, quiet_s=2.0)
+
+    async def send() -> list[object]:
+        futures = [
+            writer.report(_report_body("web", 2), otlp.PROTOBUF, None),
+            writer.report(b"\xff\xff not protobuf", otlp.PROTOBUF, None),
+            writer.report(gzip.compress(_report_body("api", 3)), otlp.PROTOBUF, "gzip"),
+        ]
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    try:
+        web, garbage, api = asyncio.run(send())
+    finally:
+        writer.close()
+    assert web == (1, 1, "")
+    assert api == (1, 1, "")
+    assert isinstance(garbage, otlp.OtlpError)
+    assert garbage.status == 400
+    assert writer.commits == 1
+    assert requests_by_source(database, 10) == {"web": 2, "api": 3}
