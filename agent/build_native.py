@@ -39,7 +39,7 @@ setup(
 def main() -> int:
     for stale in (ROOT / "mesh_agent").rglob("*.so"):
         stale.unlink()
-    sources = [str(source_path(name).relative_to(ROOT)) for name in NATIVE_MODULES]
+    sources = [os.path.relpath(source_path(name), ROOT) for name in NATIVE_MODULES]
     stamps = {name: source_stamp(source_path(name)) for name in NATIVE_MODULES}
     done = subprocess.run(  # noqa: S603 (our own interpreter and files)
         [sys.executable, "-c", SETUP, *sources],
@@ -55,7 +55,7 @@ def main() -> int:
         sys.stderr.write("a source changed during the build: run it again\n")
         return 1
     # Written last: without it the compiled modules are never trusted.
-    BUILD_RECORD.write_text("".join(f"{name} {stamp}\n" for name, stamp in stamps.items()))
+    Path(BUILD_RECORD).write_text("".join(f"{name} {stamp}\n" for name, stamp in stamps.items()))
     print(f"compiled {len(sources)} modules of mesh_agent in place")
     return 0
 

@@ -21,7 +21,7 @@ PROBE = (
 )
 
 pytestmark = pytest.mark.skipif(
-    not native.BUILD_RECORD.exists(), reason="no in-place compiled build (make native)"
+    not os.path.exists(native.BUILD_RECORD), reason="no in-place compiled build (make native)"
 )
 
 
