@@ -631,32 +631,29 @@ class Row:
         self.note = f"{self.note}; {text}" if self.note else text
 
 
-def scrape_requests(admin_port: int) -> int | None:
-    """Requests the agent's /metrics has counted: proof that metrics were on."""
+def agent_metrics(admin_port: int) -> str | None:
+    """The agent's admin /metrics text (None if it cannot be read)."""
     try:
         with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
             f"http://127.0.0.1:{admin_port}/metrics", timeout=5
         ) as response:
-            text = response.read().decode()
+            return str(response.read().decode())
     except OSError:
         return None
+
+
+def requests_counted(metrics: str) -> int:
+    """Requests the agent's /metrics has counted: proof that metrics were on."""
     total = 0.0
-    for line in text.splitlines():
+    for line in metrics.splitlines():
         if line.startswith("mesh_requests_total{"):
             total += float(line.rsplit(" ", 1)[1])
     return int(total)
 
 
-def scrape_compiled(admin_port: int) -> int | None:
-    """How many of the agent's request-path modules run compiled (mypyc), from its /metrics."""
-    try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-            f"http://127.0.0.1:{admin_port}/metrics", timeout=5
-        ) as response:
-            text = response.read().decode()
-    except OSError:
-        return None
-    for line in text.splitlines():
+def compiled_count(metrics: str) -> int | None:
+    """How many of the agent's request-path modules run compiled (mypyc)."""
+    for line in metrics.splitlines():
         if line.startswith("mesh_agent_compiled_modules "):
             return int(float(line.rsplit(" ", 1)[1]))
     return None
@@ -1025,8 +1022,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if fixed_errors := sum(f.errors for f in r.fixed_runs):
                 r.add_note(f"{fixed_errors} errors at fixed rate")
             if r.name in admin_of:
-                r.agent_requests_counted = scrape_requests(admin_of[r.name])
-                compiled = scrape_compiled(admin_of[r.name])
+                metrics = agent_metrics(admin_of[r.name])
+                if metrics is not None:
+                    r.agent_requests_counted = requests_counted(metrics)
+                    compiled = compiled_count(metrics)
                 if not r.agent_requests_counted:
                     r.add_note("/metrics counted no requests")
 
