@@ -39,6 +39,7 @@ BUILD_RECORD = os.path.join(PACKAGE_DIR, "_native.built")
 
 # In dependency order; every module here must compile (agent/build_native.py, agent/setup.py).
 NATIVE_MODULES: tuple[str, ...] = (
+    "mesh_agent.ids",
     "mesh_agent.balancer",
     "mesh_agent.resilience",
     "mesh_agent.routing",

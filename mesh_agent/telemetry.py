@@ -27,6 +27,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
+from mesh_agent.ids import new_span_id, new_trace_and_span, new_trace_id
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -120,17 +122,7 @@ def parse_traceparent(value: bytes | None) -> TraceContext | None:
     return TraceContext(trace_id, parent_id, int(flags, 16))
 
 
-_getrandbits = random.getrandbits
 _random = random.random
-
-
-def _new_trace_id() -> bytes:
-    # All-zero ids are invalid on the wire; the `or 1` costs nothing and rules them out.
-    return b"%032x" % (_getrandbits(128) or 1)
-
-
-def _new_span_id() -> bytes:
-    return b"%016x" % (_getrandbits(64) or 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +258,8 @@ class _Tracing:
     def start(
         self, name: str, kind: str, parent: TraceContext | None, attributes: Mapping[str, str]
     ) -> Span:
-        trace_id = parent.trace_id if parent is not None else _new_trace_id()
-        span_id = _new_span_id()
+        trace_id = parent.trace_id if parent is not None else new_trace_id()
+        span_id = new_span_id()
         parent_id = parent.parent_id if parent is not None else None
         # [name, kind, trace id, span id, parent id, start ns, attributes, end ns, status]
         record: list[Any] = [name, kind, trace_id, span_id, parent_id, time.time_ns(), attributes]
@@ -614,8 +606,8 @@ class Telemetry:
                 return None
         if self._tracing is not None:
             return self._tracing.start(name, kind, parent, attributes)
-        trace_id = parent.trace_id if parent is not None else _new_trace_id()
-        return Span(trace_id, _new_span_id())
+        trace_id = parent.trace_id if parent is not None else new_trace_id()
+        return Span(trace_id, new_span_id())
 
     def outgoing_traceparent(self, incoming: bytes | None) -> bytes | None:
         """The `traceparent` to send upstream for a request without a span of ours.
@@ -626,13 +618,13 @@ class Telemetry:
         downstream still share one id. Never None today; None is reserved for "send nothing".
         """
         if not incoming:
-            return b"00-" + _new_trace_id() + b"-" + _new_span_id() + b"-00"
+            return b"00-" + new_trace_and_span() + b"-00"
         if incoming is self._parsed_header:
             parent = self._parsed_context
         else:
             parent = parse_traceparent(incoming)
         if parent is None:
-            return b"00-" + _new_trace_id() + b"-" + _new_span_id() + b"-00"
+            return b"00-" + new_trace_and_span() + b"-00"
         if parent.flags <= 0x01 and len(incoming) == 55 and incoming[:3] == b"00-":
             return incoming  # already exactly what we would send
         return b"00-%b-%b-%02x" % (parent.trace_id, parent.parent_id, parent.flags & 0x01)

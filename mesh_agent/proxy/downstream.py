@@ -30,6 +30,7 @@ from mesh_agent.proxy.http1 import (
     H_TP,
     H_XFF,
     MAX_HEADER_BYTES,
+    PLAIN_CONNECTION,
     REQUEST_SPECIAL,
     Request,
     connection_tokens,
@@ -278,7 +279,10 @@ class Downstream:
         elif code == H_EXPECT:
             req.expect_continue = value.lower() == b"100-continue"
         elif code == H_CONN:
-            tokens = connection_tokens(value) - {b"close", b"keep-alive"}
+            tokens = connection_tokens(value)
+            if b"keep-alive" in tokens:
+                req.asked_keep_alive = True
+            tokens -= PLAIN_CONNECTION
             if tokens:
                 req.extra_hop = (req.extra_hop or set()) | tokens
         else:  # H_DROP
@@ -302,8 +306,13 @@ class Downstream:
             # parser raises HttpParserUpgrade right after this and data_received answers 501.
             return
         req.method = parser.get_method()
-        req.keep_alive = parser.should_keep_alive()
-        req.http11 = parser.get_http_version() == "1.1"
+        req.keep_alive = keep_alive = parser.should_keep_alive()
+        # HTTP/1.0 keeps the connection only when asked to (Connection: keep-alive), 1.1 unless
+        # told to close: a request kept alive without asking is 1.1. httptools formats a new
+        # version string on every call, so it is asked only otherwise.
+        req.http11 = (keep_alive and not req.asked_keep_alive) or (
+            parser.get_http_version() == "1.1"
+        )
         if req.host is None and req.http11:
             self._parse_error = (400, "missing-host")  # RFC 9112 section 3.2
             raise ValueError("missing Host")

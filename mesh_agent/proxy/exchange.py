@@ -18,11 +18,12 @@ from collections.abc import Coroutine
 from typing import Any
 
 from mesh_agent.balancer import Endpoint
+from mesh_agent.ids import new_request_id
 from mesh_agent.proxy.contracts import SpanLike, TelemetryLike
 from mesh_agent.proxy.downstream import Downstream
 from mesh_agent.proxy.errors import ClientGone, Failure
 from mesh_agent.proxy.flow import PEER
-from mesh_agent.proxy.http1 import Request, new_request_id, response_head
+from mesh_agent.proxy.http1 import Request, response_head
 from mesh_agent.proxy.upstream import Upstream, pool_of
 
 __all__ = ["RETRY_BUFFER_BYTES", "FastRelay", "Forwarder", "idle_connections", "send_fast"]

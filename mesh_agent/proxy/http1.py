@@ -4,7 +4,6 @@ function or plain data, testable on bytes alone."""
 
 from __future__ import annotations
 
-import random
 import re
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,14 +17,18 @@ __all__ = [
     "PLAIN_CONNECTION",
     "REQUEST_SPECIAL",
     "RESPONSE_DROP",
+    "R_CHUNKED",
+    "R_CONNECTION",
+    "R_DROP",
+    "R_FORWARD",
+    "R_LENGTH",
     "Request",
     "ResponseHead",
     "connection_tokens",
-    "header_triples",
-    "new_request_id",
     "normalize_path",
     "normalize_target",
     "response_head",
+    "response_header_kind",
     "split_target",
     "status_line",
 ]
@@ -62,8 +65,9 @@ for _name in HOP_BY_HOP - {b"connection"}:
     REQUEST_SPECIAL[_name] = H_DROP
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
-
-_getrandbits = random.getrandbits
+# What a response header is to the relay (``response_header_kind``).
+R_FORWARD, R_LENGTH, R_CHUNKED, R_CONNECTION, R_DROP = range(5)
+_RESPONSE_DROP_LENGTHS = frozenset(len(n) for n in RESPONSE_DROP)
 
 _STATUS_LINE: dict[int, bytes] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus
@@ -187,14 +191,9 @@ def split_target(url: bytes, host: bytes | None) -> tuple[bytes | None, bytes]:
     return None, b""
 
 
-def new_request_id() -> bytes:
-    """A random (version 4 layout) UUID; not for secrets, so the fast PRNG will do."""
-    h = b"%032x" % _getrandbits(128)
-    return b"%b-%b-4%b-%b-%b" % (h[:8], h[8:12], h[13:16], h[16:20], h[20:])
-
-
 class Request:
     __slots__ = (
+        "asked_keep_alive",
         "body",
         "chunked",
         "content_length",
@@ -226,6 +225,7 @@ class Request:
         self.source: bytes | None = None
         self.expect_continue = False
         self.extra_hop: set[bytes] | None = None
+        self.asked_keep_alive = False  # a Connection header listed keep-alive
         self.keep_alive = True
         self.http11 = True
         self.content_length: int | None = None
@@ -243,10 +243,33 @@ class Request:
         return d
 
 
-class ResponseHead(Protocol):
-    """What :func:`response_head` reads of an upstream response."""
+def response_header_kind(name: bytes) -> int:
+    """How the relay treats a response header: R_FORWARD (as received), R_LENGTH and
+    R_CHUNKED (framing, re-decided for the caller), R_CONNECTION (hop-by-hop, and may name
+    more hop-by-hop headers) or R_DROP (hop-by-hop). The length is checked first: most headers
+    are forwarded, and len() is cheaper than lower()."""
+    if len(name) not in _RESPONSE_DROP_LENGTHS:
+        return R_FORWARD
+    lname = name.lower()
+    if lname not in RESPONSE_DROP:
+        return R_FORWARD
+    if lname == b"content-length":
+        return R_LENGTH
+    if lname == b"transfer-encoding":
+        return R_CHUNKED
+    if lname == b"connection":
+        return R_CONNECTION
+    return R_DROP
 
-    headers: list[tuple[bytes, bytes]]
+
+class ResponseHead(Protocol):
+    """What :func:`response_head` reads of an upstream response: the headers to forward, as
+    ``name, b": ", value, b"\r\n"`` runs (collected as they are parsed, with
+    :func:`response_header_kind`), the tokens its Connection headers listed beyond keep-alive
+    and close (those headers go too), and its framing."""
+
+    forwarded: list[bytes]
+    extra_hop: set[bytes] | None
     content_length: int | None
     complete: bool
     body_parts: list[bytes]
@@ -258,19 +281,14 @@ def response_head(
     """The head to send the caller for an upstream response: (parts, keep-alive, chunked,
     no body). Hop-by-hop headers go, framing is re-decided for the caller's side."""
     parts = [_STATUS_LINE.get(status) or status_line(status)]
-    extra: set[bytes] | None = None
-    for name, value in response.headers:
-        n = name.lower()
-        if n in RESPONSE_DROP:
-            if n == b"connection" and value.lower() not in PLAIN_CONNECTION:
-                tokens = connection_tokens(value) - {b"close", b"keep-alive"}
-                if tokens:
-                    # every Connection header counts, not only the last one
-                    extra = tokens if extra is None else extra | tokens
-            continue
-        parts += (name, b": ", value, b"\r\n")
+    extra = response.extra_hop
     if extra:
-        parts = [parts[0], *header_triples(response.headers, extra | RESPONSE_DROP)]
+        forwarded = response.forwarded
+        for i in range(0, len(forwarded), 4):
+            if forwarded[i].lower() not in extra:
+                parts += forwarded[i : i + 4]
+    else:
+        parts += response.forwarded
     no_body = req.method == b"HEAD" or status in (204, 304)
     keep = req.keep_alive and not caller_closed
     chunked = False
@@ -290,13 +308,3 @@ def response_head(
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")
     return parts, keep, chunked, no_body
-
-
-def header_triples(
-    headers: list[tuple[bytes, bytes]], drop: set[bytes] | frozenset[bytes]
-) -> list[bytes]:
-    out: list[bytes] = []
-    for name, value in headers:
-        if name.lower() not in drop:
-            out += (name, b": ", value, b"\r\n")
-    return out

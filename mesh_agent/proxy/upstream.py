@@ -23,6 +23,15 @@ import httptools
 from mesh_agent.balancer import Endpoint
 from mesh_agent.proxy.errors import Failure
 from mesh_agent.proxy.flow import FlowControl
+from mesh_agent.proxy.http1 import (
+    PLAIN_CONNECTION,
+    R_CHUNKED,
+    R_CONNECTION,
+    R_FORWARD,
+    R_LENGTH,
+    connection_tokens,
+    response_header_kind,
+)
 
 if TYPE_CHECKING:
     from mesh_agent.proxy.downstream import Downstream
@@ -150,13 +159,14 @@ class Upstream:
         "deadline",
         "discard",
         "done_waiter",
+        "extra_hop",
         "failure",
         "fast",
         "flow",
+        "forwarded",
         "got_bytes",
         "head_request",
         "head_waiter",
-        "headers",
         "idle_since",
         "keep_alive",
         "loop",
@@ -200,7 +210,8 @@ class Upstream:
     def _reset_exchange(self, head_request: bool) -> None:
         self.head_request = head_request
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.forwarded: list[bytes] = []
+        self.extra_hop: set[bytes] | None = None
         self.body_parts: list[bytes] = []
         self.content_length: int | None = None
         self.chunked = False
@@ -373,14 +384,21 @@ class Upstream:
     # -- httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        # The length first: most headers are neither, and len() is cheaper than lower().
-        size = len(name)
-        if size == 14 and name.lower() == b"content-length":
+        # The caller's head is collected here, as the headers are parsed (response_head).
+        kind = response_header_kind(name)
+        if kind == R_FORWARD:
+            self.forwarded += (name, b": ", value, b"\r\n")
+        elif kind == R_LENGTH:
             v = value.strip()
             self.content_length = int(v) if v.isdigit() else None
-        elif size == 17 and name.lower() == b"transfer-encoding":
+        elif kind == R_CHUNKED:
             self.chunked = True
+        elif kind == R_CONNECTION:
+            tokens = connection_tokens(value) - PLAIN_CONNECTION
+            if tokens:
+                # every Connection header counts, not only the last one
+                extra = self.extra_hop
+                self.extra_hop = tokens if extra is None else extra | tokens
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -388,7 +406,8 @@ class Upstream:
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103 Early Hints) are not relayed.
             self._informational = True
-            self.headers = []
+            self.forwarded = []
+            self.extra_hop = None
             self.content_length = None
             self.chunked = False
             return

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 
 import pytest
 
+from mesh_agent.balancer import Endpoint
 from mesh_agent.proxy.flow import BODY, PEER, FlowControl
 from mesh_agent.proxy.http1 import (
+    R_CHUNKED,
+    R_CONNECTION,
+    R_DROP,
+    R_FORWARD,
+    R_LENGTH,
     Request,
     connection_tokens,
     normalize_target,
     response_head,
+    response_header_kind,
     split_target,
 )
+from mesh_agent.proxy.upstream import Pool, Upstream
 
 
 @pytest.mark.parametrize(
@@ -45,12 +52,21 @@ def test_connection_tokens() -> None:
     assert connection_tokens(b" Keep-Alive , X-Foo,,x-bar ") == {b"keep-alive", b"x-foo", b"x-bar"}
 
 
-@dataclass
-class Head:
-    headers: list[tuple[bytes, bytes]]
-    content_length: int | None = None
-    complete: bool = False
-    body_parts: list[bytes] = field(default_factory=list)
+def _upstream_head(
+    headers: list[tuple[bytes, bytes]], content_length: int | None = None
+) -> Upstream:
+    """An upstream connection (no socket) that has parsed these response headers: the relay
+    collects what it forwards while parsing (``Upstream.on_header``)."""
+    loop = asyncio.new_event_loop()
+    try:
+        up = Upstream(Pool(Endpoint("127.0.0.1", 1), loop), loop)
+    finally:
+        loop.close()
+    for name, value in headers:
+        up.on_header(name, value)
+    if content_length is not None:
+        up.content_length = content_length
+    return up
 
 
 def _request(method: bytes = b"GET", http11: bool = True, keep_alive: bool = True) -> Request:
@@ -60,33 +76,63 @@ def _request(method: bytes = b"GET", http11: bool = True, keep_alive: bool = Tru
 
 
 def test_response_head_drops_hop_by_hop_and_reframes() -> None:
-    head = Head(
-        headers=[
+    head = _upstream_head(
+        [
             (b"Connection", b"x-a"),
             (b"Connection", b"x-b, close"),
             (b"X-A", b"1"),
             (b"x-b", b"2"),
             (b"Transfer-Encoding", b"chunked"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Content-Length", b"3"),
             (b"x-kept", b"yes"),
+            (b"Content-Type", b"text/plain"),
         ]
     )
     parts, keep, chunked, no_body = response_head(_request(), 200, head, False)
     text = b"".join(parts)
     assert text.startswith(b"HTTP/1.1 200 OK\r\n") and text.endswith(b"\r\n\r\n")
-    assert b"x-kept: yes" in text and b"transfer-encoding: chunked" in text
-    for gone in (b"X-A", b"x-b", b"Connection"):
+    assert b"\r\nx-kept: yes\r\nContent-Type: text/plain\r\n" in text
+    for gone in (b"X-A", b"x-b", b"Connection", b"Keep-Alive", b"Transfer-Encoding"):
         assert gone + b":" not in text
-    assert (keep, chunked, no_body) == (True, True, False)
+    # framing re-decided for the caller: the upstream's Content-Length (3) is what counts
+    assert b"content-length: 3\r\n" in text and b"chunked" not in text
+    assert (keep, chunked, no_body) == (True, False, False)
+
+
+def test_response_head_reframes_an_unknown_length_as_chunked() -> None:
+    head = _upstream_head([(b"Transfer-Encoding", b"chunked"), (b"X-Plain", b"1")])
+    parts, keep, chunked, _ = response_head(_request(), 200, head, False)
+    text = b"".join(parts)
+    assert text == b"HTTP/1.1 200 OK\r\nX-Plain: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+    assert (keep, chunked) == (True, True)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        (b"Content-Type", R_FORWARD),
+        (b"X-Connection", R_FORWARD),  # the length of a dropped name, but not one
+        (b"Content-Length", R_LENGTH),
+        (b"TRANSFER-ENCODING", R_CHUNKED),
+        (b"connection", R_CONNECTION),
+        (b"Keep-Alive", R_DROP),
+        (b"TE", R_DROP),
+        (b"Proxy-Authenticate", R_DROP),
+    ],
+)
+def test_response_header_kind(name: bytes, kind: int) -> None:
+    assert response_header_kind(name) == kind
 
 
 def test_response_head_for_http10_with_unknown_length_closes() -> None:
-    parts, keep, chunked, _ = response_head(_request(http11=False), 200, Head([]), False)
+    parts, keep, chunked, _ = response_head(_request(http11=False), 200, _upstream_head([]), False)
     assert (keep, chunked) == (False, False)
     assert b"connection: close\r\n" in b"".join(parts)
 
 
 def test_response_head_for_head_keeps_the_length_and_sends_no_body() -> None:
-    head = Head([], content_length=12)
+    head = _upstream_head([], content_length=12)
     parts, keep, chunked, no_body = response_head(_request(b"HEAD"), 200, head, False)
     assert b"content-length: 12\r\n" in b"".join(parts)
     assert (keep, chunked, no_body) == (True, False, True)

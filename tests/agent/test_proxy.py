@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -738,24 +739,40 @@ def test_upstream_closing_keep_alive_connections_costs_no_request() -> None:
     run(scenario())
 
 
-def test_http10_client_gets_close_delimited_streamed_body() -> None:
+@pytest.mark.parametrize(
+    "connection", [b"", b"Connection: keep-alive\r\n"], ids=["plain", "asks-keep-alive"]
+)
+@pytest.mark.parametrize("side", ["outbound", "inbound"])
+def test_http10_client_gets_close_delimited_streamed_body(side: str, connection: bytes) -> None:
+    # An HTTP/1.0 caller cannot read chunked framing, whether or not it asked to keep the
+    # connection (the agent tells 1.0 from 1.1 by keep-alive where it can: see on_headers_complete).
     async def scenario() -> None:
+        head_read = asyncio.Event()
+
         async def streamed(req: BackendRequest) -> Response:
             async def body() -> AsyncIterator[bytes]:
                 yield b"a" * 10
+                # The rest only once the caller has the head: the agent must frame a body
+                # whose length it does not know yet.
+                await head_read.wait()
                 yield b"b" * 10
 
             return Response(body=body())
 
         async with Backend(streamed) as be:
             cfg = {"services": [service("reviews", {"v1": [be.address]})]}
-            async with Agent(cfg) as agent:
-                out = await raw_exchange(
-                    agent.outbound_port, b"GET / HTTP/1.0\r\nHost: reviews\r\n\r\n"
-                )
-            head, _, body = out.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200")
-            assert b"transfer-encoding" not in head.lower()
+            async with Agent(cfg, app=be.address) as agent:
+                port = agent.outbound_port if side == "outbound" else agent.inbound_port
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET / HTTP/1.0\r\nHost: reviews\r\n" + connection + b"\r\n")
+                head = (await reader.readuntil(b"\r\n\r\n")).lower()
+                head_read.set()
+                length = re.search(rb"\r\ncontent-length: *(\d+)", head)
+                # Framed by a length (kept alive) or by the close; never chunked.
+                body = await (reader.readexactly(int(length[1])) if length else reader.read())
+                writer.close()
+            assert head.startswith(b"http/1.1 200")
+            assert b"transfer-encoding" not in head
             assert body == b"a" * 10 + b"b" * 10
 
     run(scenario())
