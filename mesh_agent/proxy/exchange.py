@@ -189,11 +189,11 @@ class Forwarder:
         request_id = req.request_id
         if request_id is None:
             request_id = req.request_id = new_request_id()
-        head = self.build_head(req, path, authority, body, tp, request_id, outbound)
-        return span, tp, self.finish_head(head, conn, req)
+        return span, tp, self.build_head(conn, req, path, authority, body, tp, request_id, outbound)
 
     def build_head(
         self,
+        conn: Downstream,
         req: Request,
         path: bytes,
         host: bytes | None,
@@ -202,30 +202,33 @@ class Forwarder:
         request_id: bytes,
         outbound: bool,
     ) -> bytes:
-        parts = [req.method, b" ", path, b" HTTP/1.1\r\n"]
-        if host is not None:
-            parts += (b"host: ", host, b"\r\n")
-        for name, value in req.headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts += (b"x-request-id: ", request_id, b"\r\n")
-        if traceparent is not None:
-            parts += (b"traceparent: ", traceparent, b"\r\n")
-        if outbound:
-            parts.append(self.source_header)
+        """The whole request head for the upstream: the caller's headers without the hop-by-hop
+        ones, this hop's request id, trace context and forwarding headers, and the framing
+        of the body as it will be sent. Built with ``%b`` formatting, which compiled code
+        turns into one allocation of the right size (a list and a join cost more)."""
+        headers = req.headers
+        forwarded = b"".join([b"%b: %b\r\n" % (n, v) for n, v in headers]) if headers else b""
         if body is not None:
             if body or req.body is not None or req.method in (b"POST", b"PUT", b"PATCH"):
-                parts.append(b"content-length: %d\r\n" % len(body))
+                framing = b"content-length: %d\r\n" % len(body)
+            else:
+                framing = b""
         elif req.content_length is not None:
-            parts.append(b"content-length: %d\r\n" % req.content_length)
+            framing = b"content-length: %d\r\n" % req.content_length
         else:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        return b"".join(parts)
-
-    @staticmethod
-    def finish_head(head: bytes, conn: Downstream, req: Request) -> bytes:
-        peer = conn.peer
-        xff = peer if req.xff is None else req.xff + b", " + peer
-        return head + b"x-forwarded-for: " + xff + b"\r\n\r\n"
+            framing = b"transfer-encoding: chunked\r\n"
+        xff = conn.peer if req.xff is None else req.xff + b", " + conn.peer
+        return b"%b %b HTTP/1.1\r\n%b%bx-request-id: %b\r\n%b%b%bx-forwarded-for: %b\r\n\r\n" % (
+            req.method,
+            path,
+            b"" if host is None else b"host: %b\r\n" % host,
+            forwarded,
+            request_id,
+            b"" if traceparent is None else b"traceparent: %b\r\n" % traceparent,
+            self.source_header if outbound else b"",
+            framing,
+            xff,
+        )
 
     @staticmethod
     async def read_body(req: Request) -> bytes | None:

@@ -43,12 +43,8 @@ class Mirror:
         assert target is not None
         # As in Envoy, the shadow copy's Host says it is one, so the receiver can tell.
         fwd = self.forwarder
-        head = fwd.finish_head(
-            fwd.build_head(
-                req, path, authority + b"-shadow", body, traceparent, request_id, outbound=True
-            ),
-            conn,
-            req,
+        head = fwd.build_head(
+            conn, req, path, authority + b"-shadow", body, traceparent, request_id, outbound=True
         )
         ep = target.balancer.pick(self.loop.time())
         self.in_flight += 1

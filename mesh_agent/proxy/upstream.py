@@ -393,7 +393,7 @@ class Upstream:
             self.content_length = int(v) if v.isdigit() else None
         elif kind == R_CHUNKED:
             self.chunked = True
-        elif kind == R_CONNECTION:
+        elif kind == R_CONNECTION and value.lower() not in PLAIN_CONNECTION:
             tokens = connection_tokens(value) - PLAIN_CONNECTION
             if tokens:
                 # every Connection header counts, not only the last one
