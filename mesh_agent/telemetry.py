@@ -101,6 +101,8 @@ class TraceContext(NamedTuple):
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\r\n]*)?")
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
+_LOWER_HEX_AND_DASH = b"0123456789abcdef-"
+_FLAGS = {b"%02x" % flags: flags for flags in range(256)}
 
 
 def parse_traceparent(value: bytes | None) -> TraceContext | None:
@@ -111,6 +113,22 @@ def parse_traceparent(value: bytes | None) -> TraceContext | None:
     """
     if not value:
         return None
+    if (
+        len(value) == 55
+        and value[2] == 0x2D
+        and value[35] == 0x2D
+        and value[52] == 0x2D
+        and value.count(b"-") == 3
+        and not value.translate(None, _LOWER_HEX_AND_DASH)
+    ):
+        # The form every hop of this mesh sends (version 00, nothing after the flags), checked
+        # without the regex: an inbound agent parses one per request.
+        version = value[0:2]
+        trace_id = value[3:35]
+        parent_id = value[36:52]
+        if version == b"ff" or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+            return None
+        return TraceContext(trace_id, parent_id, _FLAGS[value[53:55]])
     match = _TRACEPARENT.fullmatch(value.strip(b" \t"))
     if match is None:
         return None

@@ -78,6 +78,12 @@ def test_parse_tolerates_surrounding_whitespace() -> None:
         f"00_{TRACE}_{PARENT}_01".encode(),
         f"0g-{TRACE}-{PARENT}-01".encode(),
         f"00-{TRACE}-{PARENT}-01\n00".encode(),
+        # the exact 55-byte form is checked without the regex: each of these is that long
+        SAMPLED[:10] + b"-" + SAMPLED[11:],  # a dash inside the trace id
+        SAMPLED[:40] + b"g" + SAMPLED[41:],  # not hex in the parent id
+        SAMPLED[:-1] + b"A",  # flags must be lowercase
+        SAMPLED[:-1] + b"\n",
+        b"-" + SAMPLED[1:],
     ],
 )
 def test_parse_rejects_malformed(value: bytes) -> None:
