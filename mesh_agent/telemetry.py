@@ -24,7 +24,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from mesh_agent.ids import new_span_id, new_trace_and_span, new_trace_id
@@ -85,12 +85,33 @@ def status_class(status: int | None) -> str:
 # W3C trace context
 
 
-class TraceContext(NamedTuple):
-    """A parsed, valid `traceparent`: lowercase hex ids as bytes, flags as an int."""
+class TraceContext:
+    """A parsed, valid `traceparent`: lowercase hex ids as bytes, flags as an int.
 
-    trace_id: bytes
-    parent_id: bytes
-    flags: int
+    A plain class, not a NamedTuple: compiled, it is made without a Python-level ``__new__``
+    (an inbound agent makes one per request)."""
+
+    __slots__ = ("flags", "parent_id", "trace_id")
+
+    def __init__(self, trace_id: bytes, parent_id: bytes, flags: int) -> None:
+        self.trace_id = trace_id
+        self.parent_id = parent_id
+        self.flags = flags
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TraceContext):
+            return NotImplemented
+        return (self.trace_id, self.parent_id, self.flags) == (
+            other.trace_id,
+            other.parent_id,
+            other.flags,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.trace_id, self.parent_id, self.flags))
+
+    def __repr__(self) -> str:
+        return f"TraceContext({self.trace_id!r}, {self.parent_id!r}, {self.flags})"
 
     @property
     def sampled(self) -> bool:
