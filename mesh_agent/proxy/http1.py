@@ -263,8 +263,8 @@ def response_header_kind(name: bytes) -> int:
 
 
 class ResponseHead(Protocol):
-    """What :func:`response_head` reads of an upstream response: the headers to forward, as
-    ``name, b": ", value, b"\r\n"`` runs (collected as they are parsed, with
+    """What :func:`response_head` reads of an upstream response: the headers to forward, one
+    ``name: value\r\n`` line each (collected as they are parsed, with
     :func:`response_header_kind`), the tokens its Connection headers listed beyond keep-alive
     and close (those headers go too), and its framing."""
 
@@ -283,10 +283,9 @@ def response_head(
     parts = [_STATUS_LINE.get(status) or status_line(status)]
     extra = response.extra_hop
     if extra:
-        forwarded = response.forwarded
-        for i in range(0, len(forwarded), 4):
-            if forwarded[i].lower() not in extra:
-                parts += forwarded[i : i + 4]
+        for line in response.forwarded:
+            if line[: line.find(b":")].lower() not in extra:
+                parts.append(line)
     else:
         parts += response.forwarded
     no_body = req.method == b"HEAD" or status in (204, 304)

@@ -387,7 +387,7 @@ class Upstream:
         # The caller's head is collected here, as the headers are parsed (response_head).
         kind = response_header_kind(name)
         if kind == R_FORWARD:
-            self.forwarded += (name, b": ", value, b"\r\n")
+            self.forwarded.append(b"%b: %b\r\n" % (name, value))
         elif kind == R_LENGTH:
             v = value.strip()
             self.content_length = int(v) if v.isdigit() else None
