@@ -2,7 +2,7 @@
 
 Every proxied request needs a request id and a trace id, often a span id too. Formatting a fresh
 128-bit integer as hex for each of them (``b"%032x" % getrandbits(128)``) was a sizeable share
-of the agent's CPU per request; one ``randbytes(...)`` turned into hex serves about a hundred
+of the agent's CPU per request; one ``randbytes(...)`` turned into hex serves over a hundred
 ids, and each id is then one slice. These ids only need to be unique, not secret (W3C Trace
 Context asks for randomness, not unpredictability), so Python's fast PRNG will do, as before.
 """
@@ -13,11 +13,19 @@ import binascii
 import os
 import random
 
-__all__ = ["new_request_id", "new_span_id", "new_trace_and_span", "new_trace_id"]
+__all__ = [
+    "ZERO_SPAN_ID",
+    "ZERO_TRACE_ID",
+    "new_request_id",
+    "new_span_id",
+    "new_trace_and_span",
+    "new_trace_id",
+]
 
-_POOL_BYTES = 2048  # 4,096 hex digits: about 85 requests' worth of ids per refill
-_ZERO_TRACE = b"0" * 32
-_ZERO_SPAN = b"0" * 16
+_POOL_BYTES = 2048  # 4,096 hex digits: a request id and a traceparent for ~50 requests
+# Invalid on the wire (W3C Trace Context): never handed out, refused when parsed (telemetry).
+ZERO_TRACE_ID = b"0" * 32
+ZERO_SPAN_ID = b"0" * 16
 
 
 class HexPool:
@@ -52,7 +60,7 @@ os.register_at_fork(after_in_child=_POOL.reset)
 def new_trace_id() -> bytes:
     """32 hex digits, never all zero (an all-zero trace id is invalid on the wire)."""
     trace_id = _POOL.take(32)
-    while trace_id == _ZERO_TRACE:
+    while trace_id == ZERO_TRACE_ID:
         trace_id = _POOL.take(32)
     return trace_id
 
@@ -60,7 +68,7 @@ def new_trace_id() -> bytes:
 def new_span_id() -> bytes:
     """16 hex digits, never all zero."""
     span_id = _POOL.take(16)
-    while span_id == _ZERO_SPAN:
+    while span_id == ZERO_SPAN_ID:
         span_id = _POOL.take(16)
     return span_id
 

@@ -27,7 +27,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from mesh_agent.ids import new_span_id, new_trace_and_span, new_trace_id
+from mesh_agent.ids import (
+    ZERO_SPAN_ID,
+    ZERO_TRACE_ID,
+    new_span_id,
+    new_trace_and_span,
+    new_trace_id,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -120,8 +126,6 @@ class TraceContext:
 
 # version-traceid-parentid-flags; versions after 00 may append "-more" that we must ignore.
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\r\n]*)?")
-_ZERO_TRACE = b"0" * 32
-_ZERO_SPAN = b"0" * 16
 _LOWER_HEX_AND_DASH = b"0123456789abcdef-"
 _FLAGS = {b"%02x" % flags: flags for flags in range(256)}
 
@@ -147,7 +151,7 @@ def parse_traceparent(value: bytes | None) -> TraceContext | None:
         version = value[0:2]
         trace_id = value[3:35]
         parent_id = value[36:52]
-        if version == b"ff" or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+        if version == b"ff" or trace_id == ZERO_TRACE_ID or parent_id == ZERO_SPAN_ID:
             return None
         return TraceContext(trace_id, parent_id, _FLAGS[value[53:55]])
     match = _TRACEPARENT.fullmatch(value.strip(b" \t"))
@@ -156,7 +160,7 @@ def parse_traceparent(value: bytes | None) -> TraceContext | None:
     version, trace_id, parent_id, flags, rest = match.groups()
     if version == b"ff" or (rest is not None and version == b"00"):
         return None
-    if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+    if trace_id == ZERO_TRACE_ID or parent_id == ZERO_SPAN_ID:
         return None
     return TraceContext(trace_id, parent_id, int(flags, 16))
 

@@ -13,7 +13,7 @@ UUID4_LAYOUT = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0
 
 
 def test_ids_have_their_wire_format_and_do_not_repeat_across_refills() -> None:
-    # Several pools' worth (a pool serves about 85 requests), so refills are crossed.
+    # Several pools' worth (a pool serves about 50 requests), so refills are crossed.
     request_ids = [ids.new_request_id() for _ in range(1000)]
     trace_ids = [ids.new_trace_id() for _ in range(1000)]
     span_ids = [ids.new_span_id() for _ in range(1000)]
