@@ -32,7 +32,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], bool], limit_s: float = 30.0, what: str = "") -> None:
+def wait_until(
+    predicate: Callable[[], bool],
+    limit_s: float = 30.0,
+    what: str = "",
+    detail: Callable[[], str] | None = None,
+) -> None:
+    """Wait for ``predicate`` (a cap, not a timing assertion); on timeout, ``detail`` says
+    what the state was, so that a failure on a busy CI can be read from its message."""
     deadline = time.monotonic() + limit_s
     while True:
         try:
@@ -41,7 +48,13 @@ def wait_until(predicate: Callable[[], bool], limit_s: float = 30.0, what: str =
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
+            message = f"timed out waiting for {what or predicate}"
+            if detail is not None:
+                try:
+                    message += f"; {detail()}"
+                except Exception as exc:  # the detail is a courtesy: never hide the timeout
+                    message += f"; (no detail: {exc!r})"
+            raise AssertionError(message)
         time.sleep(0.05)
 
 

@@ -77,6 +77,18 @@ class Demo:
         counts = self.get("/api/v1/agents")["counts"]
         return bool(counts["SYNCED"] == AGENTS)
 
+    def sync_report(self) -> str:
+        """Each agent that is not SYNCED, with its state and last error (for a timeout)."""
+        listing = self.get("/api/v1/agents")
+        behind = [
+            f"{a['service']}/{a['version']} {a['sync_state']}"
+            f" runs {a['config_version']} of {a['latest_version']}"
+            + (f" ({a['last_error']})" if a["last_error"] else "")
+            for a in listing["items"]
+            if a["sync_state"] != "SYNCED"
+        ]
+        return f"counts {listing['counts']}, registered {listing['total']}: " + "; ".join(behind)
+
     def stop(self) -> str:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGINT)
@@ -131,7 +143,7 @@ def v2_share(demo: Demo) -> float:
 
 def test_the_demo_comes_up_converges_and_stops_cleanly(demo: Demo) -> None:
     demo.start()
-    wait_until(demo.synced, 120, f"{AGENTS} agents SYNCED")
+    wait_until(demo.synced, 120, f"{AGENTS} agents SYNCED", demo.sync_report)
     # The agents report to the console: the expected calls show up as edges, with traces.
     wait_until(lambda: edges(demo) >= EXPECTED_EDGES, 90, "the demo's edges")
     # Spans travel on their own path (batched by the agents, stored by the span worker), so
@@ -164,7 +176,7 @@ def test_the_demo_comes_up_converges_and_stops_cleanly(demo: Demo) -> None:
 
     # A second run starts from a fresh mesh, not from the first run's leftovers.
     demo.start()
-    wait_until(demo.synced, 120, "second run SYNCED")
+    wait_until(demo.synced, 120, "second run SYNCED", demo.sync_report)
     assert demo.get("/api/v1/agents")["total"] == AGENTS
     changes = demo.get("/api/v1/services/catalog/changes", namespace="shop")
     assert [c["summary"] for c in changes] == ["v1 90 %, v2 10 %"]

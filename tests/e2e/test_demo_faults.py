@@ -28,7 +28,7 @@ def running_demo(tmp_path: Path) -> Iterator[Demo]:
     demo = Demo(tmp_path)
     demo.start()
     try:
-        wait_until(demo.synced, 180, f"{AGENTS} agents SYNCED")
+        wait_until(demo.synced, 180, f"{AGENTS} agents SYNCED", demo.sync_report)
         yield demo
         demo.stop()
     finally:
