@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 __all__ = [
     "Balancer",
@@ -90,7 +90,7 @@ class Balancer(Protocol):
 # Below this share of available endpoints, balance over all of them (Envoy's panic threshold):
 # when most hosts look bad the checks are more likely wrong than the hosts, and concentrating
 # all traffic on the few left would take them down too.
-DEFAULT_PANIC_PERCENT = 50.0
+DEFAULT_PANIC_PERCENT: Final = 50.0
 
 
 def _candidates(

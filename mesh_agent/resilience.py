@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from mesh_agent import schema
 from mesh_agent.balancer import Endpoint
@@ -30,7 +31,7 @@ Clock = Callable[[], float]
 Rng = Callable[[], float]
 
 # RFC 9110 section 9.2.2: repeating these has the same effect as sending them once.
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 def percent_chance(percent: float, rng: Rng = random.random) -> bool:

@@ -24,7 +24,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from mesh_agent.ids import (
@@ -50,32 +50,34 @@ __all__ = [
 ]
 
 #: Upper bounds of the latency histogram buckets, in milliseconds (an implicit +Inf follows).
-BUCKETS_MS: tuple[int, ...] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
-_BOUNDS_S: tuple[float, ...] = tuple(b / 1000 for b in BUCKETS_MS)
-_LE: tuple[str, ...] = (*(repr(b) for b in _BOUNDS_S), "+Inf")
+BUCKETS_MS: Final[tuple[int, ...]] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+_BOUNDS_S: Final[tuple[float, ...]] = tuple(b / 1000 for b in BUCKETS_MS)
+_LE: Final[tuple[str, ...]] = (*(repr(b) for b in _BOUNDS_S), "+Inf")
 
 # A hostile or buggy caller could mint endless label values (e.g. a spoofed source name); past
 # this many series new edges are folded into one, so memory and scrape size stay bounded.
-MAX_SERIES = 10_000
-_OVERFLOW = "_overflow"
+MAX_SERIES = 10_000  # not Final: tests lower it (read only when a series is new)
+_OVERFLOW: Final = "_overflow"
 
 # The source label comes from the caller's `x-mesh-source` header, which anyone can set: only
 # names shaped like a service name get a label of their own, and only the first MAX_SOURCES of
 # them; every other value is counted under OTHER_SOURCE, so spoofing cannot crowd out real edges.
-MAX_SOURCES = 256
-OTHER_SOURCE = "other"
-_SOURCE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+MAX_SOURCES = 256  # not Final: tests lower it (read only when a source is new)
+OTHER_SOURCE: Final = "other"
+_SOURCE_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 # Series layout: [requests, duration sum (s), per-bucket count x len(_BOUNDS_S), +Inf count].
 # Buckets are stored non-cumulative so `record` touches one slot; scrapes accumulate.
-_REQ, _SUM, _BUCKET0 = 0, 1, 2
+_REQ: Final = 0
+_SUM: Final = 1
+_BUCKET0: Final = 2
 
 # Index by status code: one list lookup instead of arithmetic and branches per request.
 # Codes below 100 cannot come from a valid response; count them with the failures.
-_CLASS_BY_STATUS: tuple[str, ...] = tuple(
+_CLASS_BY_STATUS: Final[tuple[str, ...]] = tuple(
     "5xx" if code < 100 else f"{code // 100}xx" for code in range(600)
 )
-_FAILURE_CLASSES = frozenset({"5xx", "none"})
+_FAILURE_CLASSES: Final = frozenset({"5xx", "none"})
 
 
 def status_class(status: int | None) -> str:
@@ -125,9 +127,11 @@ class TraceContext:
 
 
 # version-traceid-parentid-flags; versions after 00 may append "-more" that we must ignore.
-_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\r\n]*)?")
-_LOWER_HEX_AND_DASH = b"0123456789abcdef-"
-_FLAGS = {b"%02x" % flags: flags for flags in range(256)}
+_TRACEPARENT: Final = re.compile(
+    rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\r\n]*)?"
+)
+_LOWER_HEX_AND_DASH: Final = b"0123456789abcdef-"
+_FLAGS: Final = {b"%02x" % flags: flags for flags in range(256)}
 
 
 def parse_traceparent(value: bytes | None) -> TraceContext | None:
@@ -165,7 +169,7 @@ def parse_traceparent(value: bytes | None) -> TraceContext | None:
     return TraceContext(trace_id, parent_id, int(flags, 16))
 
 
-_random = random.random
+_random: Final = random.random
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +235,10 @@ class RepeatedLogFilter(logging.Filter):
 _log = logging.getLogger(__name__)
 _log.addFilter(RepeatedLogFilter())
 
-_SPAN_KIND = {"server": 2, "client": 3}  # opentelemetry.proto.trace.v1.Span.SpanKind
-_STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.StatusCode.STATUS_CODE_ERROR
-_MAX_QUEUED_SPANS = 4096
-_EXPORT_BATCH = 512  # a batch this big is sent at once rather than after the delay
+_SPAN_KIND: Final = {"server": 2, "client": 3}  # opentelemetry.proto.trace.v1.Span.SpanKind
+_STATUS_ERROR: Final = 2  # opentelemetry.proto.trace.v1.Status.StatusCode.STATUS_CODE_ERROR
+_MAX_QUEUED_SPANS: Final = 4096
+_EXPORT_BATCH: Final = 512  # a batch this big is sent at once rather than after the delay
 
 
 class _Tracing:

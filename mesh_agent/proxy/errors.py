@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = ["FAILURE_REASON", "ClientGone", "Failure"]
 
 
@@ -19,7 +21,7 @@ class ClientGone(Exception):
 
 
 # The x-mesh-error reason of each Failure kind.
-FAILURE_REASON = {
+FAILURE_REASON: Final = {
     "connect-failure": "connect-failure",
     "reset": "upstream-reset",
     "timeout": "upstream-timeout",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Final
 
 from mesh_agent.balancer import Endpoint
 from mesh_agent.ids import new_request_id
@@ -30,7 +30,7 @@ __all__ = ["RETRY_BUFFER_BYTES", "FastRelay", "Forwarder", "idle_connections", "
 
 log = logging.getLogger("mesh_agent.proxy")
 
-RETRY_BUFFER_BYTES = 64 * 1024
+RETRY_BUFFER_BYTES: Final = 64 * 1024
 
 
 def idle_connections(ep: Endpoint) -> list[Upstream] | None:

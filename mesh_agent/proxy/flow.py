@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 __all__ = ["BODY", "PEER", "PIPELINE", "FlowControl"]
 
 # Why reading from a connection is held: each reason is released on its own, and reading only
 # resumes once none is left.
-BODY = 1  # the request body buffer is full until the upstream takes some
-PIPELINE = 2  # requests are queued behind the one being served
-PEER = 4  # the other end of a relay cannot take more bytes
+BODY: Final = 1  # the request body buffer is full until the upstream takes some
+PIPELINE: Final = 2  # requests are queued behind the one being served
+PEER: Final = 4  # the other end of a relay cannot take more bytes
 
 
 class FlowControl:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:
     from mesh_agent.proxy.downstream import Body
@@ -33,10 +33,10 @@ __all__ = [
     "status_line",
 ]
 
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES: Final = 64 * 1024
 
 # RFC 9110 section 7.6.1 (plus the de-facto Proxy-Connection and Keep-Alive): never forwarded.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -50,8 +50,15 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Request headers the agent rewrites itself; codes tell on_header where to put them.
-H_HOST, H_XFF, H_RID, H_TP, H_SRC, H_EXPECT, H_CONN, H_DROP = range(8)
-REQUEST_SPECIAL: dict[bytes, int] = {
+H_HOST: Final = 0
+H_XFF: Final = 1
+H_RID: Final = 2
+H_TP: Final = 3
+H_SRC: Final = 4
+H_EXPECT: Final = 5
+H_CONN: Final = 6
+H_DROP: Final = 7
+REQUEST_SPECIAL: Final[dict[bytes, int]] = {
     b"host": H_HOST,
     b"x-forwarded-for": H_XFF,
     b"x-request-id": H_RID,
@@ -63,13 +70,17 @@ REQUEST_SPECIAL: dict[bytes, int] = {
 }
 for _name in HOP_BY_HOP - {b"connection"}:
     REQUEST_SPECIAL[_name] = H_DROP
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
-PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
+PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
 # What a response header is to the relay (``response_header_kind``).
-R_FORWARD, R_LENGTH, R_CHUNKED, R_CONNECTION, R_DROP = range(5)
-_RESPONSE_DROP_LENGTHS = frozenset(len(n) for n in RESPONSE_DROP)
+R_FORWARD: Final = 0
+R_LENGTH: Final = 1
+R_CHUNKED: Final = 2
+R_CONNECTION: Final = 3
+R_DROP: Final = 4
+_RESPONSE_DROP_LENGTHS: Final = frozenset(len(n) for n in RESPONSE_DROP)
 
-_STATUS_LINE: dict[int, bytes] = {
+_STATUS_LINE: Final[dict[int, bytes]] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus
 }
 
@@ -81,12 +92,12 @@ def status_line(status: int) -> bytes:
     return line
 
 
-_UNRESERVED = frozenset(
+_UNRESERVED: Final = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 )  # RFC 3986 section 2.3: decoding these never changes what a path means
-_HEXDIGITS = frozenset(b"0123456789abcdefABCDEF")
-_SLASHES = (0x2F, 0x5C)  # "/" and "\\"
-_MULTI_SLASH = re.compile(rb"//+")
+_HEXDIGITS: Final = frozenset(b"0123456789abcdefABCDEF")
+_SLASHES: Final = (0x2F, 0x5C)  # "/" and "\\"
+_MULTI_SLASH: Final = re.compile(rb"//+")
 
 
 def normalize_path(path: bytes, escaped_slashes: str = "reject") -> bytes | None:
@@ -96,7 +107,7 @@ def normalize_path(path: bytes, escaped_slashes: str = "reject") -> bytes | None
     repeated slashes merged, ``.`` and ``..`` segments removed (RFC 3986 section 5.2.4).
     Encoded slashes (``%2F``, ``%5C``) follow ``escaped_slashes``: "reject", "keep" or
     "unescape". None: the path is to be refused (a bad escape, or a rejected encoded slash)."""
-    if b"%" in path:
+    if path.find(b"%") >= 0:
         out = bytearray()
         i = 0
         n = len(path)
@@ -120,9 +131,9 @@ def normalize_path(path: bytes, escaped_slashes: str = "reject") -> bytes | None
                 out += b"%" + hi.upper()
             i += 3
         path = bytes(out)
-    if b"//" in path:
+    if path.find(b"//") >= 0:
         path = _MULTI_SLASH.sub(b"/", path)
-    if b"/." in path:
+    if path.find(b"/.") >= 0:
         segments = path.split(b"/")
         kept: list[bytes] = []
         for seg in segments[1:]:
@@ -153,7 +164,7 @@ def normalize_target(url: bytes, escaped_slashes: str) -> bytes | None:
         return url  # "*", authority form: nothing to normalise
     q = url.find(b"?", start)
     path = url[start:] if q < 0 else url[start:q]
-    if b"%" not in path and b"//" not in path and b"/." not in path:
+    if path.find(b"%") < 0 and path.find(b"//") < 0 and path.find(b"/.") < 0:
         return url  # the common case costs three scans and no copy
     normal = normalize_path(path, escaped_slashes)
     if normal is None:

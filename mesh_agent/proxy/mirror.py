@@ -4,6 +4,7 @@ never delays or fails the caller; past ``MAX_MIRRORS_IN_FLIGHT`` copies are shed
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 from mesh_agent.balancer import Endpoint
 from mesh_agent.proxy.downstream import Downstream
@@ -16,7 +17,7 @@ __all__ = ["MAX_MIRRORS_IN_FLIGHT", "Mirror"]
 
 log = logging.getLogger("mesh_agent.proxy")
 
-MAX_MIRRORS_IN_FLIGHT = 64
+MAX_MIRRORS_IN_FLIGHT: Final = 64
 
 
 class Mirror:
