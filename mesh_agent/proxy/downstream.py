@@ -31,10 +31,11 @@ from mesh_agent.proxy.http1 import (
     H_XFF,
     MAX_HEADER_BYTES,
     PLAIN_CONNECTION,
-    REQUEST_SPECIAL,
     Request,
     connection_tokens,
+    content_length_value,
     normalize_target,
+    request_header_code,
     status_line,
 )
 
@@ -265,8 +266,8 @@ class Downstream:
         if self._header_count > self.listener.limits.max_headers:
             self._parse_error = (431, "too-many-headers")
             raise ValueError("too many headers")
-        code = REQUEST_SPECIAL.get(name.lower())
-        if code is None:
+        code = request_header_code(name)
+        if code < 0:
             req.headers.append((name, value))
         elif code == H_HOST:
             if req.host is not None:
@@ -294,7 +295,7 @@ class Downstream:
         else:  # H_DROP
             lname = name.lower()
             if lname == b"content-length":
-                req.content_length = int(value) if value.strip().isdigit() else None
+                req.content_length = content_length_value(value)
             elif lname == b"transfer-encoding":
                 # Only plain "chunked" is understood; anything else ("gzip, chunked", two
                 # Transfer-Encoding headers) would be re-framed wrongly, so it is refused.

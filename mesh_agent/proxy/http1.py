@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import re
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from mesh_agent.proxy.downstream import Body
+    from mesh_agent.proxy.upstream import Upstream
 
 __all__ = [
     "HOP_BY_HOP",
@@ -23,10 +24,11 @@ __all__ = [
     "R_FORWARD",
     "R_LENGTH",
     "Request",
-    "ResponseHead",
     "connection_tokens",
+    "content_length_value",
     "normalize_path",
     "normalize_target",
+    "request_header_code",
     "response_head",
     "response_header_kind",
     "split_target",
@@ -70,6 +72,16 @@ REQUEST_SPECIAL: Final[dict[bytes, int]] = {
 }
 for _name in HOP_BY_HOP - {b"connection"}:
     REQUEST_SPECIAL[_name] = H_DROP
+# The same names as clients usually spell them (lower case, or "X-Request-Id"), so that the
+# common header is looked up as it comes, not lower-cased first; any other spelling of a
+# special name has one of these lengths and is lower-cased (``request_header_code``).
+REQUEST_SPECIAL_AS_SENT: Final[dict[bytes, int]] = {
+    **REQUEST_SPECIAL,
+    **{b"-".join(p.capitalize() for p in n.split(b"-")): c for n, c in REQUEST_SPECIAL.items()},
+    b"X-Request-ID": H_RID,
+    b"TE": H_DROP,
+}
+_SPECIAL_LENGTH_BITS: Final = sum(1 << n for n in frozenset(len(n) for n in REQUEST_SPECIAL))
 RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
 PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
 # What a response header is to the relay (``response_header_kind``).
@@ -78,7 +90,9 @@ R_LENGTH: Final = 1
 R_CHUNKED: Final = 2
 R_CONNECTION: Final = 3
 R_DROP: Final = 4
-_RESPONSE_DROP_LENGTHS: Final = frozenset(len(n) for n in RESPONSE_DROP)
+# Bit n is set when some dropped response header name is n bytes long: one shift and one "and"
+# tell most headers apart from every dropped one (a set lookup boxes the length and hashes it).
+_DROP_LENGTH_BITS: Final = sum(1 << n for n in frozenset(len(n) for n in RESPONSE_DROP))
 
 _STATUS_LINE: Final[dict[int, bytes]] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus
@@ -257,10 +271,15 @@ class Request:
 def response_header_kind(name: bytes) -> int:
     """How the relay treats a response header: R_FORWARD (as received), R_LENGTH and
     R_CHUNKED (framing, re-decided for the caller), R_CONNECTION (hop-by-hop, and may name
-    more hop-by-hop headers) or R_DROP (hop-by-hop). The length is checked first: most headers
-    are forwarded, and len() is cheaper than lower()."""
-    if len(name) not in _RESPONSE_DROP_LENGTHS:
+    more hop-by-hop headers) or R_DROP (hop-by-hop). Most headers are told apart by their
+    length alone; the usual spellings of the two that every response has are compared as they
+    are, and only the rest is lower-cased."""
+    if not (_DROP_LENGTH_BITS >> len(name)) & 1:
         return R_FORWARD
+    if name == b"Content-Length" or name == b"content-length":
+        return R_LENGTH
+    if name == b"Connection" or name == b"connection":
+        return R_CONNECTION
     lname = name.lower()
     if lname not in RESPONSE_DROP:
         return R_FORWARD
@@ -273,24 +292,41 @@ def response_header_kind(name: bytes) -> int:
     return R_DROP
 
 
-class ResponseHead(Protocol):
-    """What :func:`response_head` reads of an upstream response: the headers to forward, one
-    ``name: value\r\n`` line each (collected as they are parsed, with
-    :func:`response_header_kind`), the tokens its Connection headers listed beyond keep-alive
-    and close (those headers go too), and its framing."""
+def request_header_code(name: bytes) -> int:
+    """Which of the request headers the agent rewrites ``name`` is (its H_ code), or -1 for
+    one it forwards as it is."""
+    if not (_SPECIAL_LENGTH_BITS >> len(name)) & 1:
+        return -1
+    code = REQUEST_SPECIAL_AS_SENT.get(name)
+    if code is None:
+        code = REQUEST_SPECIAL.get(name.lower(), -1)
+    return code
 
-    forwarded: list[bytes]
-    extra_hop: set[bytes] | None
-    content_length: int | None
-    complete: bool
-    body_parts: list[bytes]
+
+def content_length_value(value: bytes) -> int | None:
+    """A Content-Length value as a number (blanks around it allowed), None if it is not one.
+    Plain digits are read in a loop: ``int(bytes)`` goes through a str and the number parser."""
+    if 0 < len(value) <= 18:
+        total = 0
+        for c in value:
+            if c < 48 or c > 57:
+                break
+            total = total * 10 + (c - 48)
+        else:
+            return total
+    stripped = value.strip()
+    return int(stripped) if stripped.isdigit() else None
 
 
 def response_head(
-    req: Request, status: int, response: ResponseHead, caller_closed: bool
+    req: Request, status: int, response: Upstream, caller_closed: bool
 ) -> tuple[list[bytes], bool, bool, bool]:
     """The head to send the caller for an upstream response: (parts, keep-alive, chunked,
-    no body). Hop-by-hop headers go, framing is re-decided for the caller's side."""
+    no body). Hop-by-hop headers go, framing is re-decided for the caller's side. It reads
+    what the upstream connection collected while its head was parsed (``Upstream.on_header``):
+    the header lines to forward, the tokens its Connection headers listed beyond keep-alive and
+    close (those headers go too), and its framing. Typed as the class, not a protocol, so that
+    compiled code reads the fields directly."""
     parts = [_STATUS_LINE.get(status) or status_line(status)]
     extra = response.extra_hop
     if extra:

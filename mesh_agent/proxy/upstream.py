@@ -30,6 +30,7 @@ from mesh_agent.proxy.http1 import (
     R_FORWARD,
     R_LENGTH,
     connection_tokens,
+    content_length_value,
     response_header_kind,
 )
 
@@ -389,11 +390,15 @@ class Upstream:
         if kind == R_FORWARD:
             self.forwarded.append(b"%b: %b\r\n" % (name, value))
         elif kind == R_LENGTH:
-            v = value.strip()
-            self.content_length = int(v) if v.isdigit() else None
+            self.content_length = content_length_value(value)
         elif kind == R_CHUNKED:
             self.chunked = True
-        elif kind == R_CONNECTION and value.lower() not in PLAIN_CONNECTION:
+        elif (
+            kind == R_CONNECTION
+            and value != b"keep-alive"  # what nearly every response says, compared as is
+            and value != b"close"
+            and value.lower() not in PLAIN_CONNECTION
+        ):
             tokens = connection_tokens(value) - PLAIN_CONNECTION
             if tokens:
                 # every Connection header counts, not only the last one

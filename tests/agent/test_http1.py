@@ -9,6 +9,12 @@ import pytest
 from mesh_agent.balancer import Endpoint
 from mesh_agent.proxy.flow import BODY, PEER, FlowControl
 from mesh_agent.proxy.http1 import (
+    H_CONN,
+    H_DROP,
+    H_HOST,
+    H_RID,
+    H_TP,
+    H_XFF,
     R_CHUNKED,
     R_CONNECTION,
     R_DROP,
@@ -16,7 +22,9 @@ from mesh_agent.proxy.http1 import (
     R_LENGTH,
     Request,
     connection_tokens,
+    content_length_value,
     normalize_target,
+    request_header_code,
     response_head,
     response_header_kind,
     split_target,
@@ -114,8 +122,10 @@ def test_response_head_reframes_an_unknown_length_as_chunked() -> None:
         (b"Content-Type", R_FORWARD),
         (b"X-Connection", R_FORWARD),  # the length of a dropped name, but not one
         (b"Content-Length", R_LENGTH),
+        (b"CONTENT-LENGTH", R_LENGTH),  # not a spelling compared as is: lower-cased
         (b"TRANSFER-ENCODING", R_CHUNKED),
         (b"connection", R_CONNECTION),
+        (b"CONNECTION", R_CONNECTION),
         (b"Keep-Alive", R_DROP),
         (b"TE", R_DROP),
         (b"Proxy-Authenticate", R_DROP),
@@ -123,6 +133,54 @@ def test_response_head_reframes_an_unknown_length_as_chunked() -> None:
 )
 def test_response_header_kind(name: bytes, kind: int) -> None:
     assert response_header_kind(name) == kind
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        (b"Host", H_HOST),
+        (b"host", H_HOST),
+        (b"HOST", H_HOST),  # an unusual spelling is lower-cased, not forwarded as is
+        (b"hOsT", H_HOST),
+        (b"X-Request-ID", H_RID),
+        (b"x-REQUEST-id", H_RID),
+        (b"X-Forwarded-For", H_XFF),
+        (b"TRACEPARENT", H_TP),
+        (b"Connection", H_CONN),
+        (b"CONTENT-LENGTH", H_DROP),
+        (b"Transfer-ENCODING", H_DROP),
+        (b"te", H_DROP),
+        (b"PROXY-AUTHORIZATION", H_DROP),
+        (b"User-Agent", -1),  # the length of "connection", forwarded
+        (b"Accept", -1),  # the length of "expect"
+        (b"X-Host", -1),
+        (b"", -1),
+    ],
+)
+def test_request_header_code(name: bytes, code: int) -> None:
+    assert request_header_code(name) == code
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"0", 0),
+        (b"12", 12),
+        (b" 12 ", 12),
+        (b"\t7", 7),
+        (b"007", 7),
+        (b"123456789012345678", 123456789012345678),
+        (b"1234567890123456789012", 1234567890123456789012),  # past the digit loop
+        (b"", None),
+        (b"1a", None),
+        (b"-1", None),
+        (b"1 2", None),
+        (b"+5", None),
+        (b"\xd9\xa3", None),  # not ASCII digits
+    ],
+)
+def test_content_length_value(value: bytes, expected: int | None) -> None:
+    assert content_length_value(value) == expected
 
 
 def test_response_head_for_http10_with_unknown_length_closes() -> None:
