@@ -53,15 +53,17 @@ class Limits:
 
 class SpanLike(Protocol):
     def traceparent(self) -> bytes: ...
+    def describe(self, name: str, attributes: dict[str, str]) -> None: ...
     def end(self, status: int | None) -> None: ...
 
 
 class TelemetryLike(Protocol):
-    """What the proxy needs from ``mesh_agent.telemetry.Telemetry``."""
+    """What the proxy needs from ``mesh_agent.telemetry.Telemetry``. Called positionally, once
+    or twice per request: through a protocol, compiled code makes a generic Python call, and
+    keyword arguments are matched by name on every one of them."""
 
     def record(
         self,
-        *,
         source: str,
         destination: str,
         destination_version: str,
@@ -69,11 +71,11 @@ class TelemetryLike(Protocol):
         duration_s: float,
     ) -> None: ...
 
-    def start_span(
-        self, *, name: str, kind: str, traceparent: bytes | None, attributes: dict[str, str]
-    ) -> SpanLike | None: ...
-
-    def outgoing_traceparent(self, incoming: bytes | None) -> bytes | None: ...
+    def begin(self, kind: str, traceparent: bytes | None) -> tuple[SpanLike | None, bytes | None]:
+        """This hop's span, None when the request is not sampled (its name and attributes
+        follow with ``describe``, so an unsampled request never builds them), and the
+        ``traceparent`` to send upstream."""
+        ...
 
 
 class ConfigHolder:

@@ -172,20 +172,14 @@ class Forwarder:
         path: bytes,
         authority: bytes | None,
         body: bytes | None,
-        *,
-        span_name: str,
         kind: str,
-        attributes: dict[str, str],
         outbound: bool,
     ) -> tuple[SpanLike | None, bytes | None, bytes]:
-        """This hop's span (None when not sampled), the traceparent sent upstream and the whole
-        head to send, with the trace context, request id and forwarding headers of this hop.
-        A request that came without an id gets one (``req.request_id``), kept for its copies."""
-        tel = self.telemetry
-        span = tel.start_span(
-            name=span_name, kind=kind, traceparent=req.traceparent, attributes=attributes
-        )
-        tp = span.traceparent() if span is not None else tel.outgoing_traceparent(req.traceparent)
+        """This hop's span (None when not sampled; the caller describes it), the traceparent
+        sent upstream and the whole head to send, with the trace context, request id and
+        forwarding headers of this hop. A request that came without an id gets one
+        (``req.request_id``), kept for its copies."""
+        span, tp = self.telemetry.begin(kind, req.traceparent)
         request_id = req.request_id
         if request_id is None:
             request_id = req.request_id = new_request_id()
@@ -287,13 +281,7 @@ class Forwarder:
         self, req: Request, source: str, destination: str, version: str, status: int
     ) -> None:
         """Metrics for a request the agent answered itself."""
-        self.telemetry.record(
-            source=source,
-            destination=destination,
-            destination_version=version,
-            status=status,
-            duration_s=self.loop.time() - req.started,
-        )
+        self.telemetry.record(source, destination, version, status, self.loop.time() - req.started)
 
 
 class FastRelay:

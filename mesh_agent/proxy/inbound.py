@@ -73,17 +73,12 @@ class InboundSide:
     def begin_hop(
         self, conn: Downstream, req: Request, path: bytes, body: bytes | None, source: str
     ) -> tuple[SpanLike | None, bytes | None, bytes]:
-        return self.forwarder.begin_hop(
-            conn,
-            req,
-            path,
-            req.host,
-            body,
-            span_name=self.span_name,
-            kind="server",
-            attributes={"http.request.method": req.method.decode("latin-1"), "mesh.source": source},
-            outbound=False,
-        )
+        hop = self.forwarder.begin_hop(conn, req, path, req.host, body, "server", False)
+        span = hop[0]
+        if span is not None:
+            method = req.method.decode("latin-1")
+            span.describe(self.span_name, {"http.request.method": method, "mesh.source": source})
+        return hop
 
     async def handle(self, conn: Downstream, req: Request) -> bool:
         cfg = self.holder.current
@@ -153,13 +148,7 @@ class InboundSide:
             ep.active_requests -= 1
             if span is not None:
                 span.end(status)
-            tel.record(
-                source=source,
-                destination=self.service,
-                destination_version=self.version,
-                status=status,
-                duration_s=self.loop.time() - req.started,
-            )
+            tel.record(source, self.service, self.version, status, self.loop.time() - req.started)
 
 
 class FastExchange(FastRelay):
@@ -223,9 +212,5 @@ class FastExchange(FastRelay):
     def record(self, status: int | None) -> None:
         side = self.side
         side.telemetry.record(
-            source=self.source,
-            destination=side.service,
-            destination_version=side.version,
-            status=status,
-            duration_s=side.loop.time() - self.req.started,
+            self.source, side.service, side.version, status, side.loop.time() - self.req.started
         )

@@ -106,13 +106,7 @@ class OutboundSide:
         finally:
             if span is not None:
                 span.end(status)
-            tel.record(
-                source=self.service,
-                destination=svc.name,
-                destination_version=pool.version,
-                status=status,
-                duration_s=loop.time() - req.started,
-            )
+            tel.record(self.service, svc.name, pool.version, status, loop.time() - req.started)
 
     async def forward(
         self,
@@ -306,21 +300,18 @@ class OutboundSide:
         svc: CompiledService,
         route: CompiledRoute,
     ) -> tuple[SpanLike | None, bytes | None, bytes]:
-        return self.forwarder.begin_hop(
-            conn,
-            req,
-            path,
-            authority,
-            body,
-            span_name=f"{svc.name} outbound",
-            kind="client",
-            attributes={
-                "http.request.method": req.method.decode("latin-1"),
-                "mesh.destination": svc.name,
-                "mesh.route": route.name,
-            },
-            outbound=True,
-        )
+        hop = self.forwarder.begin_hop(conn, req, path, authority, body, "client", True)
+        span = hop[0]
+        if span is not None:
+            span.describe(
+                f"{svc.name} outbound",
+                {
+                    "http.request.method": req.method.decode("latin-1"),
+                    "mesh.destination": svc.name,
+                    "mesh.route": route.name,
+                },
+            )
+        return hop
 
     async def resume(
         self,
@@ -359,11 +350,7 @@ class OutboundSide:
             if span is not None:
                 span.end(status)
             self.telemetry.record(
-                source=self.service,
-                destination=svc.name,
-                destination_version=pool.version,
-                status=status,
-                duration_s=self.loop.time() - req.started,
+                self.service, svc.name, pool.version, status, self.loop.time() - req.started
             )
 
 
@@ -474,9 +461,9 @@ class FastExchange(FastRelay):
     def record(self, status: int | None) -> None:
         side = self.side
         side.telemetry.record(
-            source=side.service,
-            destination=self.svc.name,
-            destination_version=self.pool.version,
-            status=status,
-            duration_s=side.loop.time() - self.req.started,
+            side.service,
+            self.svc.name,
+            self.pool.version,
+            status,
+            side.loop.time() - self.req.started,
         )

@@ -266,9 +266,15 @@ class FakeSpan:
     def __init__(self, incoming: bytes | None) -> None:
         self.incoming = incoming
         self.status: int | str | None = "open"
+        self.name = ""
+        self.attributes: dict[str, str] = {}
 
     def traceparent(self) -> bytes:
         return b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    def describe(self, name: str, attributes: dict[str, str]) -> None:
+        self.name = name
+        self.attributes = attributes
 
     def end(self, status: int | None) -> None:
         self.status = status
@@ -280,20 +286,30 @@ class FakeTelemetry:
         self.records: list[dict[str, Any]] = []
         self.spans: list[FakeSpan] = []
 
-    def record(self, **kw: Any) -> None:
-        self.records.append(kw)
+    def record(
+        self,
+        source: str,
+        destination: str,
+        destination_version: str,
+        status: int | None,
+        duration_s: float,
+    ) -> None:
+        self.records.append(
+            {
+                "source": source,
+                "destination": destination,
+                "destination_version": destination_version,
+                "status": status,
+                "duration_s": duration_s,
+            }
+        )
 
-    def start_span(
-        self, *, name: str, kind: str, traceparent: bytes | None, attributes: dict[str, str]
-    ) -> FakeSpan | None:
+    def begin(self, kind: str, traceparent: bytes | None) -> tuple[FakeSpan | None, bytes | None]:
         if not self.sample:
-            return None
+            return None, traceparent
         span = FakeSpan(traceparent)
         self.spans.append(span)
-        return span
-
-    def outgoing_traceparent(self, incoming: bytes | None) -> bytes | None:
-        return incoming
+        return span, span.traceparent()
 
     def prometheus_text(self) -> bytes:
         return b"# fake\n"

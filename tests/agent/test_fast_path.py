@@ -85,6 +85,11 @@ def test_keep_alive_requests_take_the_fast_path_with_headers_metrics_and_trace(
                 assert "x-hop" not in req.headers and "connection" not in req.headers
                 assert "content-length" not in req.headers
             assert all(s.incoming == incoming.encode() and s.status == 200 for s in tel.spans[:20])
+            assert {s.name for s in tel.spans} == {"web inbound"}
+            assert tel.spans[0].attributes == {
+                "http.request.method": "GET",
+                "mesh.source": "frontend",
+            }
             assert len(tel.records) == 22
             assert [r["source"] for r in tel.records[:20]] == ["frontend"] * 20
             assert all(r["status"] == 200 and r["destination"] == "web" for r in tel.records)
@@ -344,6 +349,11 @@ def test_outbound_keep_alive_requests_take_the_fast_path(fast_out: FastPathCount
                 assert "content-length" not in req.headers
             assert [(r["destination"], r["status"]) for r in tel.records] == [("reviews", 200)] * 20
             assert all(s.status == 200 for s in tel.spans) and len(tel.spans) == 20
+            assert {s.name for s in tel.spans} == {"reviews outbound"}
+            described = tel.spans[0].attributes
+            assert set(described) == {"http.request.method", "mesh.destination", "mesh.route"}
+            assert described["http.request.method"] == "GET"
+            assert described["mesh.destination"] == "reviews"
 
     run(scenario())
 

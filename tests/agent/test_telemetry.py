@@ -541,5 +541,12 @@ def test_real_proxy_traffic_shows_on_metrics_and_in_exported_spans(
     spans = [s for _, s in exported_spans(bodies)]
     assert len(spans) == 4
     assert all(s.kind == PbSpan.SPAN_KIND_SERVER for s in spans)
+    # named and described only once sampled (Telemetry.begin, then Span.describe)
+    assert {s.name for s in spans} == {"web inbound"}
+    described = {
+        s.trace_id.hex(): {a.key: a.value.string_value for a in s.attributes} for s in spans
+    }
+    assert described[TRACE]["mesh.source"] == "frontend"
+    assert described[TRACE]["http.request.method"] == "GET"
     by_trace = {s.trace_id.hex(): s for s in spans}
     assert by_trace[TRACE].parent_span_id.hex() == PARENT
