@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from mesh_agent.balancer import Endpoint
@@ -52,9 +52,9 @@ def send_fast(
 ) -> None:
     """Hand ``up`` to ``relay`` (its parser callbacks drive it from now on) and send the head."""
     up.begin_fast(req.method == b"HEAD", relay, body_deadline)
-    transport = up.transport
-    assert transport is not None
-    transport.write(head)
+    send = up.send
+    assert send is not None
+    send(head)
 
 
 class Forwarder:
@@ -65,6 +65,7 @@ class Forwarder:
         self, loop: asyncio.AbstractEventLoop, telemetry: TelemetryLike, service: str
     ) -> None:
         self.loop = loop
+        self.clock: Callable[[], float] = loop.time  # bound once: called on every request
         self.telemetry = telemetry
         self.source_header = b"x-mesh-source: " + service.encode() + b"\r\n"
         self.background: set[asyncio.Task[None]] = set()
@@ -273,7 +274,7 @@ class Forwarder:
 
     def release(self, up: Upstream) -> None:
         if up.complete and not up.closed:
-            up.pool.release(up, self.loop.time())
+            up.pool.release(up, self.clock())
         else:
             up.abort()
 
@@ -281,7 +282,7 @@ class Forwarder:
         self, req: Request, source: str, destination: str, version: str, status: int
     ) -> None:
         """Metrics for a request the agent answered itself."""
-        self.telemetry.record(source, destination, version, status, self.loop.time() - req.started)
+        self.telemetry.record(source, destination, version, status, self.clock() - req.started)
 
 
 class FastRelay:

@@ -212,5 +212,9 @@ class FastExchange(FastRelay):
     def record(self, status: int | None) -> None:
         side = self.side
         side.telemetry.record(
-            self.source, side.service, side.version, status, side.loop.time() - self.req.started
+            self.source,
+            side.service,
+            side.version,
+            status,
+            side.forwarder.clock() - self.req.started,
         )

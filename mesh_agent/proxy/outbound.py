@@ -465,5 +465,5 @@ class FastExchange(FastRelay):
             self.svc.name,
             self.pool.version,
             status,
-            side.loop.time() - self.req.started,
+            side.forwarder.clock() - self.req.started,
         )

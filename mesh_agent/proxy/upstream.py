@@ -16,7 +16,8 @@ import collections
 import contextlib
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -35,21 +36,14 @@ from mesh_agent.proxy.http1 import (
 )
 
 if TYPE_CHECKING:
+    # Only for the types (each of these imports this module); compiled code still calls
+    # their methods and reads their fields directly.
     from mesh_agent.proxy.downstream import Downstream
+    from mesh_agent.proxy.exchange import FastRelay
 
-__all__ = ["FastSink", "Pool", "Upstream", "pool_of"]
+__all__ = ["Pool", "Upstream", "pool_of"]
 
 log = logging.getLogger("mesh_agent.proxy")
-
-
-class FastSink(Protocol):
-    """An exchange driven from the connection's parser callbacks (``inbound.FastExchange``)."""
-
-    deadline: float
-
-    def head(self) -> None: ...
-    def done(self) -> None: ...
-    def fail(self, kind: str) -> None: ...
 
 
 class Pool:
@@ -150,7 +144,10 @@ class Upstream:
 
     __slots__ = (
         "_informational",
+        "_keep_alive",
+        "_parse",
         "_parser_dirty",
+        "_status",
         "body_deadline",
         "body_parts",
         "chunked",
@@ -175,6 +172,7 @@ class Upstream:
         "parser",
         "pool",
         "pumping",
+        "send",
         "sink",
         "sink_chunked",
         "status",
@@ -188,15 +186,15 @@ class Upstream:
         self.pool = pool
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self._parser_dirty = False
+        self.send: Callable[[bytes], object] | None = None  # transport.write, once connected
+        self._new_parser()
         self.closed = False
         self.idle_since = 0.0
         self.flow = FlowControl(loop)
         self.pumping = False
         # Bytes for the caller collected while the parser runs, written once it returns.
         self.out: list[bytes] = []
-        self.fast: FastSink | None = None
+        self.fast: FastRelay | None = None
         # One lazily re-armed deadline timer per connection (a timer per request costs more
         # than the rest of the exchange's bookkeeping): it fires at ``timer_at``, which is never
         # later than the exchange's ``deadline``, and re-arms itself if the deadline moved on.
@@ -207,6 +205,14 @@ class Upstream:
         self.deadline = 0.0
         self.body_deadline = 0.0
         self._reset_exchange(False)
+
+    def _new_parser(self) -> None:
+        self.parser = parser = httptools.HttpResponseParser(self)
+        self._parser_dirty = False
+        # Called on every response, bound once (docs/agent.md, "Speed").
+        self._parse: Callable[[bytes], None] = parser.feed_data
+        self._status: Callable[[], int] = parser.get_status_code
+        self._keep_alive: Callable[[], bool] = parser.should_keep_alive
 
     def _reset_exchange(self, head_request: bool) -> None:
         self.head_request = head_request
@@ -236,22 +242,20 @@ class Upstream:
         fails with ``Failure("timeout")`` at ``deadline``. After the head, the body must be
         complete by ``body_deadline`` (>= ``deadline``) or the connection is aborted."""
         if self._parser_dirty:
-            self.parser = httptools.HttpResponseParser(self)
-            self._parser_dirty = False
+            self._new_parser()
         self._reset_exchange(head_request)
         fut = self.head_waiter = self.loop.create_future()
         self._arm(deadline, body_deadline)
         return fut
 
     def begin_fast(
-        self, head_request: bool, fast: FastSink, body_deadline: float | None = None
+        self, head_request: bool, fast: FastRelay, body_deadline: float | None = None
     ) -> None:
         """An exchange driven by callbacks: ``fast`` hears of the head, the end and failures;
         ``fast.deadline`` is when it times out before the head (504), ``body_deadline``
         (default: the same) when it times out during the body."""
         if self._parser_dirty:
-            self.parser = httptools.HttpResponseParser(self)
-            self._parser_dirty = False
+            self._new_parser()
         self._reset_exchange(head_request)
         self.fast = fast
         self._arm(fast.deadline, fast.deadline if body_deadline is None else body_deadline)
@@ -314,6 +318,7 @@ class Upstream:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = self.flow.transport = cast(asyncio.Transport, transport)
+        self.send = self.transport.write
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
@@ -323,7 +328,7 @@ class Upstream:
             self.abort()
             return
         try:
-            self.parser.feed_data(data)
+            self._parse(data)
         except httptools.HttpParserError:
             self._flush()
             self._fail("reset")
@@ -406,8 +411,7 @@ class Upstream:
                 self.extra_hop = tokens if extra is None else extra | tokens
 
     def on_headers_complete(self) -> None:
-        parser = self.parser
-        status = parser.get_status_code()
+        status = self._status()
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103 Early Hints) are not relayed.
             self._informational = True
@@ -418,7 +422,7 @@ class Upstream:
             return
         self.status = status
         self.deadline = self.body_deadline
-        self.keep_alive = parser.should_keep_alive()
+        self.keep_alive = self._keep_alive()
         chunked = self.chunked
         no_body = self.head_request or status in (204, 304)
         self.until_close = not no_body and not chunked and self.content_length is None
