@@ -87,7 +87,18 @@ class Demo:
             for a in listing["items"]
             if a["sync_state"] != "SYNCED"
         ]
-        return f"counts {listing['counts']}, registered {listing['total']}: " + "; ".join(behind)
+        # What each process said last (agents log warnings and errors only): an agent that
+        # never registered is not in the listing at all, and its log is the only clue.
+        said = []
+        for path in sorted((self.tmp / "data" / "demo" / "logs").glob("*.log")):
+            lines = path.read_text(errors="replace").splitlines()
+            if lines:
+                said.append(f"  {path.stem}: " + " | ".join(line[:300] for line in lines[-3:]))
+        return (
+            f"counts {listing['counts']}, registered {listing['total']}: "
+            + "; ".join(behind)
+            + ("\nlast log lines:\n" + "\n".join(said) if said else "")
+        )
 
     def stop(self) -> str:
         assert self.proc is not None
