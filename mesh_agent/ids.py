@@ -19,8 +19,8 @@ __all__ = [
     "ZERO_TRACE_ID",
     "new_request_id",
     "new_span_id",
-    "new_trace_and_span",
     "new_trace_id",
+    "new_unsampled_traceparent",
 ]
 
 _POOL_BYTES: Final = 2048  # 4,096 hex digits: a request id and a traceparent for ~50 requests
@@ -74,9 +74,16 @@ def new_span_id() -> bytes:
     return span_id
 
 
-def new_trace_and_span() -> bytes:
-    """A new trace id and a span id, as the middle of a ``traceparent``: ``<trace>-<span>``."""
-    return new_trace_id() + b"-" + new_span_id()
+def new_unsampled_traceparent() -> bytes:
+    """A ``traceparent`` for a new trace that is not sampled (flags 00): what a hop sends on
+    when the request came without a valid one and no span of ours is recorded. One slice of
+    the pool and one format, as it is built for most requests that start a trace."""
+    digits = _POOL.take(48)
+    trace_id = digits[:32]
+    span_id = digits[32:]
+    if trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID:
+        return b"00-%b-%b-00" % (new_trace_id(), new_span_id())
+    return b"00-%b-%b-00" % (trace_id, span_id)
 
 
 def new_request_id() -> bytes:

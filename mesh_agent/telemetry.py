@@ -30,8 +30,8 @@ from mesh_agent.ids import (
     ZERO_SPAN_ID,
     ZERO_TRACE_ID,
     new_span_id,
-    new_trace_and_span,
     new_trace_id,
+    new_unsampled_traceparent,
 )
 
 if TYPE_CHECKING:
@@ -65,8 +65,9 @@ MAX_SOURCES = 256  # not Final: tests lower it (read only when a source is new)
 OTHER_SOURCE: Final = "other"
 _SOURCE_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
-# Series layout: [requests, duration sum (s), per-bucket count x len(_BOUNDS_S), +Inf count].
-# Buckets are stored non-cumulative so `record` touches one slot; scrapes accumulate.
+# Layout of a series as `counters` and `_rows` hand it out: [requests, duration sum (s),
+# per-bucket count x len(_BOUNDS_S), +Inf count]. Buckets are kept non-cumulative so that
+# `record` touches one slot; scrapes accumulate.
 _REQ: Final = 0
 _SUM: Final = 1
 _BUCKET0: Final = 2
@@ -441,6 +442,22 @@ def _number(value: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Series:
+    """One edge's counters. A class, not a list: compiled, each update in `Telemetry.record`
+    is a field or list-slot add on known types rather than a generic one."""
+
+    __slots__ = ("buckets", "requests", "sum_s")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.sum_s = 0.0
+        self.buckets = [0] * (len(_BOUNDS_S) + 1)  # non-cumulative; the last one is +Inf
+
+    def copy(self) -> list[Any]:
+        """[requests, duration sum (s), the buckets...] (the layout `counters` hands out)."""
+        return [self.requests, self.sum_s, *self.buckets]
+
+
 class Telemetry:
     """Traces and RED metrics for one agent (one service instance)."""
 
@@ -471,7 +488,7 @@ class Telemetry:
         self.sampling_ratio = sampling_ratio
         self.otlp_endpoint = otlp_endpoint
         self.otlp_headers: dict[str, str] = dict(otlp_headers or {})
-        self._series: dict[tuple[str, str, str, str], list[Any]] = {}
+        self._series: dict[tuple[str, str, str, str], _Series] = {}
         self._sources: set[str] = {service}
         self._tracing: _Tracing | None = None
         # The proxy asks start_span, then (unsampled) outgoing_traceparent about the same
@@ -513,16 +530,16 @@ class Telemetry:
             series = self._new_series(key)
         if duration_s < 0.0:  # a clock that stepped back must not corrupt the sum
             duration_s = 0.0
-        series[_REQ] += 1
-        series[_SUM] += duration_s
+        series.requests += 1
+        series.sum_s += duration_s
         # The first bound >= the duration (bisect_left), found by a compiled loop: most
         # requests land in the first buckets, and calling bisect cost more than the loop.
-        bucket = _BUCKET0
+        bucket = 0
         for bound in _BOUNDS_S:
             if duration_s <= bound:
                 break
             bucket += 1
-        series[bucket] += 1
+        series.buckets[bucket] += 1
 
     def _admit_source(self, source: str) -> str:
         if len(self._sources) >= MAX_SOURCES or not _SOURCE_NAME.fullmatch(source):
@@ -530,20 +547,19 @@ class Telemetry:
         self._sources.add(source)
         return source
 
-    def _new_series(self, key: tuple[str, str, str, str]) -> list[Any]:
+    def _new_series(self, key: tuple[str, str, str, str]) -> _Series:
         if len(self._series) >= MAX_SERIES:
             key = (_OVERFLOW, _OVERFLOW, _OVERFLOW, key[3])
             existing = self._series.get(key)
             if existing is not None:
                 return existing
-        series: list[Any] = [0, 0.0] + [0] * (len(_BOUNDS_S) + 1)
-        self._series[key] = series
+        series = self._series[key] = _Series()
         return series
 
     def _rows(self) -> list[tuple[tuple[str, str, str, str], list[Any]]]:
-        # list() and the slice copy are single C calls, so a concurrent `record` cannot make
-        # iteration fail; the rollup is then computed from the copies.
-        return sorted((key, series[:]) for key, series in list(self._series.items()))
+        # list() is a single C call, so a concurrent `record` cannot make iteration fail; the
+        # rollup is then computed from copies (compiled, a copy is not interrupted by `record`).
+        return sorted((key, series.copy()) for key, series in list(self._series.items()))
 
     def counters(self) -> list[tuple[tuple[str, str, str, str], list[Any]]]:
         """Copies of the cumulative counters, one per (source, destination, destination_version,
@@ -689,13 +705,13 @@ class Telemetry:
         downstream still share one id. Never None today; None is reserved for "send nothing".
         """
         if not incoming:
-            return b"00-" + new_trace_and_span() + b"-00"
+            return new_unsampled_traceparent()
         if incoming is self._parsed_header:
             parent = self._parsed_context
         else:
             parent = parse_traceparent(incoming)
         if parent is None:
-            return b"00-" + new_trace_and_span() + b"-00"
+            return new_unsampled_traceparent()
         if parent.flags <= 0x01 and len(incoming) == 55 and incoming[:3] == b"00-":
             return incoming  # already exactly what we would send
         return b"00-%b-%b-%02x" % (parent.trace_id, parent.parent_id, parent.flags & 0x01)

@@ -118,6 +118,7 @@ class Body:
 
 _PERCENT: Final = 0x25  # b"%"
 _HASH: Final = 0x23  # b"#"
+_DOT: Final = 0x2E  # b"."
 
 # Connection phases, for the timeout sweeper.
 IDLE: Final = 0
@@ -338,7 +339,12 @@ class Downstream:
             self._parse_error = (400, "missing-host")  # RFC 9112 section 3.2
             raise ValueError("missing Host")
         url = req.url
-        if _PERCENT in url or _HASH in url or url.find(b"/.") >= 0 or url.find(b"//") >= 0:
+        if (
+            _PERCENT in url
+            or _HASH in url
+            or url.find(b"//") >= 0
+            or (_DOT in url and url.find(b"/.") >= 0)  # a path without a dot skips a find
+        ):
             # Only then can normalisation change the target (an absolute-form target always
             # has "//"): the common origin-form path skips the call and the config lookup.
             # Not ``b"%" in url``: bytes.__contains__ first tries its argument as an int and

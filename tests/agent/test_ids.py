@@ -23,9 +23,27 @@ def test_ids_have_their_wire_format_and_do_not_repeat_across_refills() -> None:
     assert len(set(request_ids)) == len(set(trace_ids)) == len(set(span_ids)) == 1000
 
 
-def test_a_new_trace_and_span_make_a_valid_traceparent() -> None:
-    context = parse_traceparent(b"00-" + ids.new_trace_and_span() + b"-01")
-    assert context is not None and context.sampled
+def test_a_new_unsampled_traceparent_is_valid_new_and_not_sampled() -> None:
+    seen = set()
+    for _ in range(200):  # across pool refills
+        header = ids.new_unsampled_traceparent()
+        context = parse_traceparent(header)
+        assert context is not None and not context.sampled, header
+        assert header[:3] == b"00-" and header[-3:] == b"-00"
+        seen.add(context.trace_id)
+    assert len(seen) == 200
+
+
+def test_an_unsampled_traceparent_never_carries_an_all_zero_id() -> None:
+    try:
+        for zeros in (b"0" * 32 + b"cd" * 8, b"ef" * 16 + b"0" * 16):
+            ids._POOL.digits = zeros + b"12" * 64
+            ids._POOL.at = 0
+            context = parse_traceparent(ids.new_unsampled_traceparent())
+            assert context is not None  # a zero id would be refused as invalid
+            assert context.trace_id != b"0" * 32 and context.parent_id != b"0" * 16
+    finally:
+        ids._POOL.reset()
 
 
 def test_all_zero_ids_are_never_handed_out() -> None:
